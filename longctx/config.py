@@ -1,0 +1,302 @@
+"""The longctx config: a typed, strict schema read from YAML plus dotted overrides.
+
+    cfg = load_config("configs/quickstart.yaml", overrides=["train.max_steps=10"])
+
+Every problem in a config is collected and reported at once in one `ConfigError` whose message names the key and
+what is allowed; the CLI prints it and exits 2. Components never read this object: `train.py` and the CLI turn it
+into plain arguments (research/aesthetics.md, "builders, not config-aware components").
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from longctx import rope as rope_registry
+
+
+class ConfigError(ValueError):
+    """An invalid config or input; the message is meant for the user as it is (the CLI exits 2 on it)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="Hugging Face directory or hub id, or a .gguf file.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, when that is a directory or hub id.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; default: the model's own.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype of the base model.")
+    quantization: Literal["4bit"] | None = Field(None, description="'4bit': bitsandbytes NF4 with double quantization (QLoRA).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you need it.")
+
+
+class RopeConfig(_Section):
+    """Keys use transformers' `rope_parameters` names; `alpha` (static NTK) and `max_position_embeddings` are ours."""
+
+    rope_type: str = Field("none", description=f"One of: {', '.join(rope_registry.ROPE_TYPES)}.")
+    factor: float | None = Field(None, description="Scale factor; default max_position_embeddings / original (a float, never a ceil).")
+    original_max_position_embeddings: int | None = Field(None, description="Pretrained context length; default: the model config's max_position_embeddings.")
+    max_position_embeddings: int | None = Field(None, description="Target context length written to the config; default train.seq_len.")
+    rope_theta: float | None = Field(None, description="Base; default: the model's own.")
+    alpha: float | None = Field(None, description="ntk: base' = base * alpha^(d/(d-2)); default factor.")
+    attention_factor: float | None = Field(None, description="yarn/longrope: cos/sin multiplier; default from the paper's formula.")
+    beta_fast: float | None = Field(None, description="yarn: rotations above which pairs extrapolate (default 32).")
+    beta_slow: float | None = Field(None, description="yarn: rotations below which pairs interpolate (default 1).")
+    mscale: float | None = Field(None, description="yarn (DeepSeek): mscale.")
+    mscale_all_dim: float | None = Field(None, description="yarn (DeepSeek): mscale_all_dim.")
+    truncate: bool | None = Field(None, description="yarn: round the correction range (default true).")
+    low_freq_factor: float | None = Field(None, description="llama3: wavelength threshold L/low_freq_factor (Llama-3.1: 1).")
+    high_freq_factor: float | None = Field(None, description="llama3: wavelength threshold L/high_freq_factor (Llama-3.1: 4).")
+    short_factor: list[float] | None = Field(None, description="longrope: per-pair factors up to the original length.")
+    long_factor: list[float] | None = Field(None, description="longrope: per-pair factors beyond the original length.")
+
+
+class AttentionConfig(_Section):
+    type: Literal["s2", "full"] = Field("s2", description="'s2': shift-short attention while training (LongLoRA); 'full': dense causal.")
+    group_size_ratio: float = Field(0.25, description="S2 group size as a fraction of the sequence length (LongLoRA: 1/4).")
+    group_size: int | None = Field(None, description="Absolute S2 group size in tokens; overrides group_size_ratio.")
+    shift: bool = Field(True, description="Shift half of the heads by half a group (the 'shift' in S2; off only for ablations).")
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(True, description="LoRA adapters; false means full fine-tuning.")
+    r: int = Field(8, description="LoRA rank (LongLoRA: 8).")
+    alpha: float = Field(16, description="LoRA alpha (LongLoRA: 16).")
+    dropout: float = Field(0.0, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules to adapt, or 'all-linear'.")
+    trainable_params: list[str] = Field(
+        ["embed", "norm"], description="Name substrings made fully trainable besides LoRA (LongLoRA+: embed, norm).")
+
+
+class DataConfig(_Section):
+    train: str = Field("builtin:python-stdlib", description="'builtin:python-stdlib', a local file/dir/glob (.txt .jsonl .json .parquet) or hub dataset name.")
+    eval: str | None = Field(None, description="Evaluation source; default: the validation split of `train`.")
+    format: Literal["pretrain", "sft"] = Field("pretrain", description="'pretrain': packed blocks; 'sft': instruction/input/output with prompt masking.")
+    text_field: str = Field("text", description="Text field of json/parquet/hub records (pretrain).")
+    hub_config: str | None = Field(None, description="Hub dataset config name.")
+    hub_split: str = Field("train", description="Hub dataset split.")
+    min_doc_tokens: int = Field(0, description="Skip (and count) documents shorter than this many tokens.")
+    document_aware: bool = Field(False, description="Restart position_ids at each packed document; attention never crosses documents.")
+    prompt_template: str = Field("[INST] {instruction}{input} [/INST]", description="SFT prompt; {instruction} and {input} are filled in.")
+    num_proc: int | None = Field(None, description="Tokenization processes; default: the CPU count, at most 8.")
+
+
+class TrainConfig(_Section):
+    """Keys mirror transformers.TrainingArguments where one exists."""
+
+    output_dir: str = Field("runs/run", description="Run directory (config.yaml, checkpoint-*, final/, eval/).")
+    seq_len: int = Field(description="Training context length in tokens.")
+    max_steps: int = Field(1000, description="Optimizer steps.")
+    learning_rate: float = Field(2e-5, description="Peak learning rate (LongLoRA: 2e-5).")
+    lr_scheduler_type: str = Field("constant_with_warmup", description="transformers scheduler name.")
+    warmup_steps: int = Field(20, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, description="AdamW beta2 (LongLoRA: 0.95).")
+    max_grad_norm: float = Field(1.0, description="Gradient clipping.")
+    per_device_train_batch_size: int = Field(1, description="Micro batch per device.")
+    gradient_accumulation_steps: int = Field(8, description="Micro batches per optimizer step.")
+    gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing.")
+    bf16: bool = Field(False, description="bf16 mixed precision.")
+    fp16: bool = Field(False, description="fp16 mixed precision.")
+    logging_steps: int = Field(10, description="Log every this many steps.")
+    save_steps: int = Field(200, description="Checkpoint every this many steps.")
+    save_total_limit: int | None = Field(None, description="Keep at most this many checkpoints.")
+    seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    deepspeed: str | None = Field(None, description="Path to a DeepSpeed ZeRO json.")
+    resume: str | None = Field("auto", description="'auto' (newest complete checkpoint), a checkpoint path, or null/'off'.")
+    report_to: list[str] = Field([], description="Loggers: wandb, tensorboard.")
+    dataloader_num_workers: int = Field(0, description="DataLoader workers.")
+
+
+class EvalConfig(_Section):
+    lengths: list[int] = Field([], description="Perplexity context lengths; [] switches evaluation off.")
+    every: int | None = Field(None, description="Evaluate every this many steps during training (also at the end).")
+    stride: int | None = Field(None, description="Scored tokens per window after the first; default: the window length.")
+    max_tokens: int | None = Field(None, description="Token budget per length for quick runs.")
+
+
+class Config(_Section):
+    model: ModelConfig
+    rope: RopeConfig = RopeConfig()
+    attention: AttentionConfig = AttentionConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def target_length(self) -> int:
+        return self.rope.max_position_embeddings or self.train.seq_len
+
+    def rope_dict(self) -> dict[str, Any] | None:
+        """The rope section as `longctx.apply(rope=...)` takes it; None for rope_type 'none'."""
+        if self.rope.rope_type == "none":
+            return None
+        d = self.rope.model_dump(exclude_none=True)
+        d.setdefault("max_position_embeddings", self.target_length)
+        return d
+
+    def attention_dict(self) -> dict[str, Any]:
+        return self.attention.model_dump()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def group_size(seq_len: int, ratio: float, absolute: int | None) -> int:
+    """S2 group size for a sequence of `seq_len` tokens: `absolute`, else ratio * seq_len (LongLoRA)."""
+    return absolute if absolute is not None else int(seq_len * ratio)
+
+
+def cross_field_problems(cfg: Config) -> list[str]:
+    """Conflicts between fields, each a readable line naming the keys."""
+    out: list[str] = []
+    a, t, r = cfg.attention, cfg.train, cfg.rope
+    if t.seq_len < 2:
+        out.append(f"train.seq_len: must be at least 2, got {t.seq_len}")
+    if a.type == "s2":
+        if not 0 < a.group_size_ratio <= 1:
+            out.append(f"attention.group_size_ratio: must be in (0, 1], got {a.group_size_ratio}")
+        else:
+            g = group_size(t.seq_len, a.group_size_ratio, a.group_size)
+            if g < 2 or g % 2:
+                out.append(f"attention: the S2 group size must be an even number >= 2, got {g} "
+                           f"(train.seq_len={t.seq_len}, group_size_ratio={a.group_size_ratio}, group_size={a.group_size})")
+            elif t.seq_len % g:
+                out.append(f"attention: the S2 group size {g} does not divide train.seq_len={t.seq_len}; "
+                           f"pick a seq_len that is a multiple of {g} or another group_size_ratio/group_size")
+    if cfg.model.quantization and not cfg.lora.enabled:
+        out.append("model.quantization: 4bit (QLoRA) needs lora.enabled: true; a 4-bit base cannot be fully fine-tuned")
+    if cfg.model.quantization and cfg.model.dtype == "float32":
+        pass  # allowed: compute dtype float32 works on the CPU
+    if t.bf16 and t.fp16:
+        out.append("train.bf16 and train.fp16: choose at most one")
+    if cfg.lora.r < 1:
+        out.append(f"lora.r: must be >= 1, got {cfg.lora.r}")
+    if not 0 <= cfg.lora.dropout < 1:
+        out.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        if getattr(t, key) < 1:
+            out.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    if t.learning_rate <= 0:
+        out.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.deepspeed is not None and not Path(t.deepspeed).is_file():
+        out.append(f"train.deepspeed: file not found: {t.deepspeed}")
+    if any(L < 2 for L in cfg.eval.lengths):
+        out.append(f"eval.lengths: every length must be >= 2, got {cfg.eval.lengths}")
+    if cfg.eval.every is not None and cfg.eval.every < 1:
+        out.append(f"eval.every: must be >= 1, got {cfg.eval.every}")
+    if r.rope_type != "none":
+        out += [f"rope.{p}" for p in rope_registry.problems(cfg.rope_dict(), prefix="")]
+    elif r.model_dump(exclude_none=True, exclude={"rope_type"}):
+        extra = sorted(r.model_dump(exclude_none=True, exclude={"rope_type"}))
+        out.append(f"rope: {', '.join(extra)} given but rope.rope_type is 'none'; set rope.rope_type to one of "
+                   f"{', '.join(t for t in rope_registry.ROPE_TYPES if t != 'none')}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> Config, with every error collected into one readable message.
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                data: dict | None = None) -> Config:
+    """Read a YAML config (or a dict), apply `key.path=value` overrides, validate once."""
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    if data is not None:
+        raw = _deep_merge(raw, data)
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate(raw, source=str(path) if path else "config")
+
+
+def validate(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join("  - " + m for m in _messages(e))) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.max_steps=10")
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list: {e}") from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _messages(e: ValidationError) -> list[str]:
+    msgs = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msgs.append(f"{loc}: unknown key{_suggest(err['loc'])}")
+        elif err["type"] == "missing":
+            msgs.append(f"{loc}: required key is missing")
+        elif err["type"] == "value_error" and not loc:
+            msgs += [m for m in str(err["ctx"]["error"]).splitlines()]
+        else:
+            allowed = err.get("ctx", {}).get("expected")
+            msg = err["msg"] if not allowed else f"must be {allowed}"
+            msgs.append(f"{loc}: {msg}, got {err.get('input')!r}")
+    return msgs
+
+
+def _suggest(loc: tuple) -> str:
+    """' (did you mean ...?)' for an unknown key, from the keys valid at that place."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if model is None:
+        return ""
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    hint = f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?)" if close else ""
+    return f"{hint}; valid keys here: {', '.join(valid)}"
