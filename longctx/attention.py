@@ -196,11 +196,11 @@ def _head_halves(H: int, H_kv: int, shift: bool):
     return [(slice(0, half), None), (slice(half, H), None)]
 
 
-def _expand_kv(k: torch.Tensor, H: int, heads: slice) -> torch.Tensor:
-    """The kv heads read by query heads `heads` (h -> h // (H / H_kv)), one per query head."""
-    rep = H // k.shape[1]
+def _expand_kv(k: torch.Tensor, H: int, heads: slice, dim: int = 1) -> torch.Tensor:
+    """The kv heads read by query heads `heads` (h -> h // (H / H_kv)), one per query head, along `dim`."""
+    rep = H // k.shape[dim]
     index = torch.arange(heads.start, heads.stop, device=k.device) // rep
-    return k.index_select(1, index)
+    return k.index_select(dim, index)
 
 
 def _sdpa_causal(q, k, v, scale, dropout):
@@ -257,7 +257,7 @@ def _segments(q, k, v, plan: _Plan, scale, dropout):
     for (heads, kv_heads), (seg, slot, width, _) in zip(_head_halves(H, k.shape[1], len(plan.halves) > 1),
                                                       plan.halves):
         qh = flat[0][:, heads]
-        kh, vh = (x[:, kv_heads] if kv_heads is not None else _expand_kv(x.transpose(0, 1), H, heads).transpose(0, 1)
+        kh, vh = (x[:, kv_heads] if kv_heads is not None else _expand_kv(x, H, heads, dim=1)
                   for x in flat[1:])
         S = int(seg[-1]) + 1 if seg.numel() else 0
 
@@ -291,7 +291,7 @@ def _flash(q, k, v, plan: _Plan, scale, dropout):
     out = q.new_zeros(B * T, H, D)
     for (heads, kv_heads), (_, _, width, cu) in zip(_head_halves(H, k.shape[1], len(plan.halves) > 1),
                                                   plan.halves):
-        kh, vh = (x[:, kv_heads] if kv_heads is not None else _expand_kv(x.transpose(0, 1), H, heads).transpose(0, 1)
+        kh, vh = (x[:, kv_heads] if kv_heads is not None else _expand_kv(x, H, heads, dim=1)
                   for x in flat[1:])
         o = flash_attn_varlen_func(flat[0][:, heads].contiguous(), kh.contiguous(), vh.contiguous(), cu, cu,
                                    width, width, dropout_p=dropout, softmax_scale=scale, causal=True)

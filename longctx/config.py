@@ -9,6 +9,7 @@ into plain arguments (research/aesthetics.md, "builders, not config-aware compon
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -220,7 +221,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         raw = _read_yaml(Path(path))
     if data is not None:
-        raw = _deep_merge(raw, data)
+        raw = _deep_merge(raw, copy.deepcopy(data))
     for item in overrides:
         _apply_override(raw, item)
     return validate(raw, source=str(path) if path else "config")

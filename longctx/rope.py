@@ -188,8 +188,8 @@ def problems(d: dict[str, Any] | None, prefix: str = "rope.") -> list[str]:
     out = _validation_problems(rt, probe, prefix)
     target, orig = d.get("max_position_embeddings"), d.get("original_max_position_embeddings")
     if target is not None and orig is not None and rt != "none" and target <= orig:
-        out.append(f"{prefix}max_position_embeddings: the target length {target} must be above the original "
-                   f"length {orig} (original_max_position_embeddings)")
+        out.append(f"{prefix}max_position_embeddings: the target length {target} (default: train.seq_len) must be "
+                   f"above the original length {orig} (original_max_position_embeddings)")
     return out
 
 
@@ -201,7 +201,7 @@ def _validation_problems(rt: str, d: dict[str, Any], prefix: str) -> list[str]:
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"])
             if err["type"] == "extra_forbidden":
-                valid = [k for k in SCHEMES[rt].params.model_fields if k != "rope_type"]
+                valid = [k for k in SCHEMES[rt].params.model_fields if k not in _INTERNAL]
                 out.append(f"{prefix}{key}: not a parameter of rope_type {rt!r}; its parameters: {', '.join(valid)}")
             elif err["type"] == "missing":
                 out.append(f"{prefix}{key}: required for rope_type {rt!r}{_HINTS.get((rt, key), '')}")
@@ -211,6 +211,7 @@ def _validation_problems(rt: str, d: dict[str, Any], prefix: str) -> list[str]:
     return []
 
 
+_INTERNAL = ("rope_type", "head_dim", "partial_rotary_factor")  # set by resolve() from the model, not by users
 _HINTS = {
     ("llama3", "low_freq_factor"): " (Llama-3.1 uses 1.0)",
     ("llama3", "high_freq_factor"): " (Llama-3.1 uses 4.0)",
@@ -242,8 +243,9 @@ def resolve(d: dict[str, Any], model_config) -> RopeParams:
         if v is not None:
             full.setdefault(k, v)
     orig = full["original_max_position_embeddings"]
-    if "factor" not in full:
-        full["factor"] = float(full.get("max_position_embeddings", orig)) / orig
+    if "factor" not in full:  # a float ratio; ntk given only alpha extends by alpha
+        default_target = orig * full["alpha"] if rt == "ntk" and "alpha" in full else orig
+        full["factor"] = float(full.get("max_position_embeddings", default_target)) / orig
     full.setdefault("max_position_embeddings", int(round(orig * full["factor"])))
     full["head_dim"] = getattr(model_config, "head_dim", None) or (
         model_config.hidden_size // model_config.num_attention_heads)
