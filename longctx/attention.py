@@ -196,11 +196,10 @@ def _head_halves(H: int, H_kv: int, shift: bool):
     return [(slice(0, half), None), (slice(half, H), None)]
 
 
-def _expand_kv(k: torch.Tensor, H: int, heads: slice, dim: int = 1) -> torch.Tensor:
-    """The kv heads read by query heads `heads` (h -> h // (H / H_kv)), one per query head, along `dim`."""
-    rep = H // k.shape[dim]
-    index = torch.arange(heads.start, heads.stop, device=k.device) // rep
-    return k.index_select(dim, index)
+def _expand_kv(k: torch.Tensor, H: int, heads: slice) -> torch.Tensor:
+    """The kv heads (dim 1) read by query heads `heads`: h -> h // (H / H_kv), one per query head."""
+    index = torch.arange(heads.start, heads.stop, device=k.device) // (H // k.shape[1])
+    return k.index_select(1, index)
 
 
 def _sdpa_causal(q, k, v, scale, dropout):
@@ -220,26 +219,34 @@ def _blocks(q, k, v, group, scale, dropout):
     return o.transpose(1, 2).reshape(B, L, h, D)
 
 
+def _split_halves(q, k, v, shift: bool):
+    """[(q, k, v)] per head half along dim 1. One `split` per tensor, so the backward is one concatenation
+    (slicing each half separately costs a full-size zero gradient per slice: it dominated the CPU profile)."""
+    H, H_kv = q.shape[1], k.shape[1]
+    halves = _head_halves(H, H_kv, shift)
+    qs = q.split([s.stop - s.start for s, _ in halves], dim=1)
+    if all(kv is not None for _, kv in halves):
+        ks, vs = (x.split([kv.stop - kv.start for _, kv in halves], dim=1) for x in (k, v))
+    else:
+        ks, vs = ([_expand_kv(x, H, s) for s, _ in halves] for x in (k, v))
+    return list(zip(qs, ks, vs))
+
+
 def _uniform(q, k, v, group, shift, scale, dropout):
     """No padding, one document per row, T % G == 0: blocks are reshapes of the sequence axis."""
     B, H, T, D = q.shape
     outs = []
-    for i, (heads, kv_heads) in enumerate(_head_halves(H, k.shape[1], shift)):
-        qh = q[:, heads]
-        kh = k[:, kv_heads] if kv_heads is not None else _expand_kv(k, H, heads)
-        vh = v[:, kv_heads] if kv_heads is not None else _expand_kv(v, H, heads)
+    for i, (qh, kh, vh) in enumerate(_split_halves(q, k, v, shift)):
         if i == 0:
             outs.append(_blocks(qh, kh, vh, group, scale, dropout))
             continue
         # Shifted half: [0, G/2), whole groups over [G/2, T - G/2), then [T - G/2, T); the two half groups run
         # together as a batch of two. No wrap-around: LongLoRA's roll let the first G/2 tokens see the last ones.
         g2 = group // 2
-        ends = [x[:, :, :g2] for x in (qh, kh, vh)], [x[:, :, T - g2:] for x in (qh, kh, vh)]
-        e = _sdpa_causal(*(torch.cat([a, b]) for a, b in zip(*ends)), scale, dropout).transpose(1, 2)
-        parts = [e[:B]]
-        if T > group:
-            parts.append(_blocks(*(x[:, :, g2:T - g2] for x in (qh, kh, vh)), group, scale, dropout))
-        parts.append(e[B:])
+        head, mid, tail = zip(*(x.split([g2, T - group, g2], dim=2) for x in (qh, kh, vh)))
+        first, last = _sdpa_causal(*(torch.cat([a, b]) for a, b in zip(head, tail)), scale, dropout) \
+            .transpose(1, 2).split([B, B])
+        parts = [first, _blocks(*mid, group, scale, dropout), last] if T > group else [first, last]
         outs.append(torch.cat(parts, dim=1))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
@@ -254,11 +261,9 @@ def _segments(q, k, v, plan: _Plan, scale, dropout):
     idx = plan.real_idx
     flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], D)[idx] for x in (q, k, v)]  # [N_real, h, D]
     out = q.new_zeros(B * T, H, D)
-    for (heads, kv_heads), (seg, slot, width, _) in zip(_head_halves(H, k.shape[1], len(plan.halves) > 1),
-                                                      plan.halves):
-        qh = flat[0][:, heads]
-        kh, vh = (x[:, kv_heads] if kv_heads is not None else _expand_kv(x, H, heads, dim=1)
-                  for x in flat[1:])
+    shift = len(plan.halves) > 1
+    for (heads, _), (qh, kh, vh), (seg, slot, width, _) in zip(_head_halves(H, k.shape[1], shift),
+                                                              _split_halves(*flat, shift), plan.halves):
         S = int(seg[-1]) + 1 if seg.numel() else 0
 
         def gather(x):  # [N_real, h, D] -> [S, h, width, D]
@@ -289,11 +294,10 @@ def _flash(q, k, v, plan: _Plan, scale, dropout):
     idx = plan.real_idx
     flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], D)[idx] for x in (q, k, v)]
     out = q.new_zeros(B * T, H, D)
-    for (heads, kv_heads), (_, _, width, cu) in zip(_head_halves(H, k.shape[1], len(plan.halves) > 1),
-                                                  plan.halves):
-        kh, vh = (x[:, kv_heads] if kv_heads is not None else _expand_kv(x, H, heads, dim=1)
-                  for x in flat[1:])
-        o = flash_attn_varlen_func(flat[0][:, heads].contiguous(), kh.contiguous(), vh.contiguous(), cu, cu,
+    shift = len(plan.halves) > 1
+    for (heads, _), (qh, kh, vh), (_, _, width, cu) in zip(_head_halves(H, k.shape[1], shift),
+                                                          _split_halves(*flat, shift), plan.halves):
+        o = flash_attn_varlen_func(qh.contiguous(), kh.contiguous(), vh.contiguous(), cu, cu,
                                    width, width, dropout_p=dropout, softmax_scale=scale, causal=True)
         out = out.index_put((idx[:, None], torch.arange(heads.start, heads.stop, device=q.device)[None]), o)
     return out.view(B, T, H, D)
