@@ -1,0 +1,191 @@
+"""Load the base model and tokenizer; add LoRA (or QLoRA) with trainable embedding and norm layers (LongLoRA+).
+
+    model = load_model("HuggingFaceTB/SmolLM2-135M", dtype="bfloat16", quantization="4bit")
+    model = add_lora(model, r=8, alpha=16, trainable_params=("embed", "norm"))
+    extras = trainable_state_dict(model)          # save next to the adapter: {"model.embed_tokens.weight": ...}
+    load_trainable_state_dict(other_model, extras)
+
+Full fine-tuning: don't call `add_lora` (every parameter of a loaded model already requires grad, so
+`make_trainable` has nothing to add); call `prepare_for_training(model)` for checkpointing and `use_cache`.
+
+Names in `trainable_state_dict` are those of the plain transformers model ("model.norm.weight"), the same with
+or without the PEFT wrapper, so they load into a fresh, a LoRA-wrapped or a merged model alike. LongLoRA kept
+them out of the adapter and sliced a hard-coded prefix off to recover them (issues #53, #98); its QLoRA path
+lost them altogether (#123).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LONGLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """'dir/model.gguf' -> ('dir', 'model.gguf'); transformers wants the directory (or hub id) and the file apart."""
+    if not name_or_path.endswith(".gguf"):
+        return name_or_path, gguf_file
+    directory, name = os.path.split(name_or_path)
+    if gguf_file is not None and gguf_file != name:
+        raise ValueError(f"name_or_path names the GGUF file {name!r}, but gguf_file={gguf_file!r}; give one of them")
+    return directory or ".", name
+
+
+def load_model(name_or_path: str, dtype: str = "float32", quantization: str | None = None,
+               gguf_file: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """A causal LM from a Hugging Face directory, a hub id, or a GGUF file (dequantized to `dtype`).
+
+    quantization="4bit": bitsandbytes NF4 with double quantization, computing in `dtype` (QLoRA); `add_lora`
+    then prepares it for k-bit training. bitsandbytes >= 0.45 also runs 4-bit on the CPU.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantization not in (None, "4bit"):
+        raise ValueError(f"quantization must be None or '4bit', got {quantization!r}")
+    name_or_path, gguf_file = _split_gguf(name_or_path, gguf_file)
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    if gguf_file is not None:
+        if quantization:
+            raise ValueError("quantization='4bit' cannot be combined with a GGUF file (transformers loads GGUF "
+                             "weights dequantized only); use a Hugging Face directory or hub id for QLoRA")
+        # Dequantize every weight into a plain dense model. Left to itself transformers keeps a GGUF quantizer on
+        # the model, and with it attached Trainer refuses to train and save_pretrained refuses to save.
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    elif quantization == "4bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ImportError("quantization='4bit' needs bitsandbytes: pip install 'bitsandbytes>=0.45'") from e
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[dtype])
+        # A 4-bit model cannot be moved after loading: put it on this process's device now (LongQLoRA does the same).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer, with pad = eos when it has no pad token (padding positions are masked out of the loss)."""
+    name_or_path, gguf_file = _split_gguf(name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool = True) -> PreTrainedModel:
+    """No KV cache while training; non-reentrant activation checkpointing if asked.
+
+    Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings (plain LoRA) still pass
+    gradients to the adapters; transformers also hooks the input embeddings itself (enable_input_require_grads).
+    """
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+             target_modules: Sequence[str] | str = LONGLORA_TARGETS,
+             trainable_params: Sequence[str] = ("embed", "norm"), gradient_checkpointing: bool = True):
+    """Wrap in PEFT LoRA (LongLoRA: r=8, alpha=16, q/k/v/o) and make embed/norm fully trainable; a PeftModel.
+
+    target_modules="all-linear" adapts every linear layer except the output head (PEFT's rule).
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # Freezes the base and upcasts the non-quantized weights (norms, embeddings) to float32 (QLoRA).
+        # Checkpointing is enabled below, the same way as without quantization.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    prepare_for_training(model, gradient_checkpointing)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    if trainable_params:
+        make_trainable(model, trainable_params)
+    return model
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters under the plain transformers names: no PEFT prefix, no '.base_layer' of wrapped layers.
+
+    named_parameters() lists a tied weight once (embed_tokens; lm_head shares it), so it is saved once.
+    """
+    return {name.replace(".base_layer", ""): p for name, p in _base(model).named_parameters()}
+
+
+def _is_lora(name: str) -> bool:
+    return "lora_" in name
+
+
+def make_trainable(model: torch.nn.Module, trainable_params: Sequence[str]) -> list[str]:
+    """Set requires_grad on every non-LoRA parameter whose name contains one of the substrings; their names.
+
+    In place, on the base model's own parameters: no copy (PEFT's modules_to_save would copy them, LongLoRA
+    #79) and a tied embedding stays tied, so lm_head trains with it.
+    """
+    params = {n: p for n, p in _named_parameters(model).items() if not _is_lora(n)}
+    names = []
+    for key in trainable_params:
+        matched = [n for n in params if key in n]
+        if not matched:
+            raise ValueError(f"trainable_params: {key!r} matches no parameter name; names look like "
+                             f"{', '.join(list(params)[:3])}, ..., {list(params)[-1]}")
+        names += [n for n in matched if n not in names]
+    for n in names:
+        if not params[n].is_floating_point():
+            raise ValueError(f"trainable_params: {n} is quantized ({params[n].dtype}) and cannot be trained")
+        params[n].requires_grad_(True)
+    return names
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights other than LoRA's (embed/norm; everything under full fine-tuning), detached."""
+    return {n: p.detach() for n, p in _named_parameters(model).items() if p.requires_grad and not _is_lora(n)}
+
+
+def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (from `trainable_state_dict`) into the model's parameters, in place (ties survive).
+
+    Strict on what is given: every key must name a parameter with the same shape. Parameters it doesn't name
+    are left alone, so it also loads into a fresh or merged model.
+    """
+    params = _named_parameters(model)
+    unknown = [k for k in state if k not in params]
+    if unknown:
+        raise KeyError(f"load_trainable_state_dict: no parameter named {', '.join(unknown[:5])}"
+                       f"{' ...' if len(unknown) > 5 else ''}; the model has e.g. {', '.join(list(params)[:3])}")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in state.items()
+             if v.shape != params[k].shape]
+    if wrong:
+        raise ValueError(f"load_trainable_state_dict: shape mismatch (given vs model): {'; '.join(wrong[:5])}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total), a tied weight counted once and 4-bit weights by their unpacked size."""
+    trainable = total = 0
+    for p in _named_parameters(model).values():
+        # bitsandbytes packs two 4-bit values per byte of its storage dtype.
+        n = p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
