@@ -1,0 +1,284 @@
+"""Training run: Hugging Face Trainer built from the config, scaled RoPE + S2 through `longctx.apply`.
+
+    python train.py configs/quickstart.yaml train.max_steps=10
+    torchrun --nproc_per_node 2 train.py configs/quickstart.yaml train.deepspeed=configs/deepspeed/zero2.json
+
+What Trainer does not do and we add, each as a small callback or a method:
+- embed/norm weights (LongLoRA+) saved in every checkpoint and in RUN/final (LongLoRA #53, #98, #123 lost them);
+- checkpoints marked complete only after every rank wrote its part, and `resume: auto` takes the newest complete
+  one (Trainer writes checkpoint-N in place, so a killed save leaves a half-written directory behind);
+- resume refused when shape-defining fields changed;
+- SIGTERM / SIGUSR1 (cluster preemption) -> checkpoint at the end of the step, exit 0;
+- a NaN or inf loss stops the run with a clear message before the optimizer step touches the weights;
+- tokens/s and the global batch in the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+import longctx
+from longctx import data as data_lib
+from longctx import model as model_lib
+from longctx.config import Config, ConfigError
+
+log = logging.getLogger("longctx")
+
+COMPLETE = "longctx_complete.json"  # written last, atomically: a checkpoint without it is ignored
+TRAINABLE = "trainable_params.safetensors"  # the LongLoRA+ embed/norm weights
+# Fields that define parameter shapes or the meaning of positions: a resume must not change them.
+SHAPE_FIELDS = ("model.name_or_path", "model.gguf_file", "model.quantization", "lora.enabled", "lora.r",
+                "lora.target_modules", "lora.trainable_params", "rope", "train.seq_len", "attention.type")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-<step> directories that finished saving, oldest first."""
+    found = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
+             and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None to start fresh."""
+    resume = cfg.train.resume
+    if resume in (None, "off", "false", "no"):
+        return None
+    run_dir = Path(cfg.train.output_dir)
+    if resume == "auto":
+        done = complete_checkpoints(run_dir)
+        partial = [p.name for p in run_dir.glob("checkpoint-*") if p not in done]
+        if partial:
+            log.warning("ignoring incomplete checkpoint(s) %s (killed while saving)", ", ".join(sorted(partial)))
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise ConfigError(f"train.resume: {path} is not a complete longctx checkpoint (no {COMPLETE})")
+    return path
+
+
+def check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
+    saved_path = checkpoint / "longctx_config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    now = cfg.model_dump(mode="json")
+    changed = [f for f in SHAPE_FIELDS if _get(saved, f) != _get(now, f)]
+    if changed:
+        lines = "\n".join(f"  - {f}: checkpoint has {_get(saved, f)!r}, config has {_get(now, f)!r}" for f in changed)
+        raise ConfigError(f"train.resume: {checkpoint} was trained with a different shape-defining config:\n{lines}\n"
+                          f"use a new train.output_dir, or set train.resume=off to start over")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Callbacks
+
+class CheckpointExtras(TrainerCallback):
+    """Adds the embed/norm weights, the config and a completion marker to every checkpoint."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        state_dict = model_lib.trainable_state_dict(model)  # collective under ZeRO-3: every rank calls it
+        _barrier()
+        if is_main_process():
+            if state_dict:
+                save_file({k: v.contiguous() for k, v in state_dict.items()}, str(ckpt / TRAINABLE))
+            (ckpt / "longctx_config.yaml").write_text(self.cfg.to_yaml())
+            tmp = ckpt / (COMPLETE + ".tmp")
+            tmp.write_text(json.dumps({"step": state.global_step, "time": time.time()}))
+            os.replace(tmp, ckpt / COMPLETE)
+        _barrier()
+
+
+class Throughput(TrainerCallback):
+    """Logs tokens/s (all ranks) and the global batch once."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.t0 = None
+        self.step0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0, self.step0 = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self.t0 is not None:
+            steps = state.global_step - self.step0
+            if steps > 0:
+                logs["tokens_per_s"] = round(steps * self.tokens_per_step / (time.perf_counter() - self.t0), 1)
+
+
+class Preemption(TrainerCallback):
+    """SIGTERM / SIGUSR1: finish the step, save a checkpoint, stop; the run then exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor(float(self.requested))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag)  # every rank must stop at the same step, or a collective hangs
+        if flag.item() > 0:
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class LongctxTrainer(Trainer):
+    """Trainer that refuses to step on a NaN/inf loss (Trainer's own filter would only hide it in the logs)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(f"loss is {loss.item()} at step {self.state.global_step + 1}; the run stops here, the "
+                                f"last good checkpoint stays in {self.args.output_dir} (lower train.learning_rate, "
+                                "check the data, or use bf16 instead of fp16)")
+        return loss
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+def training_arguments(cfg: Config) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=t.output_dir, max_steps=t.max_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        bf16=t.bf16, fp16=t.fp16, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed, deepspeed=t.deepspeed,
+        report_to=t.report_to or "none", dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False, logging_nan_inf_filter=False, disable_tqdm=not is_main_process(),
+        gradient_checkpointing=False,  # model_lib.prepare_for_training enables it (non-reentrant)
+        save_only_model=False, use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train(cfg: Config) -> Path:
+    """Run training from a validated config; returns RUN/final."""
+    run_dir = Path(cfg.train.output_dir)
+    if cfg.rope.rope_type == "dynamic":
+        raise ConfigError("rope.rope_type: dynamic changes with batch length and is not KV-cache consistent; train "
+                          "with a static type (linear, ntk, yarn, llama3, longrope) and keep dynamic for evaluation")
+    checkpoint = resolve_resume(cfg)
+    if checkpoint is not None:
+        check_resume_compatible(cfg, checkpoint)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if "wandb" in cfg.train.report_to:
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = "offline"  # no key: the run lands under RUN/wandb, sync it later
+
+    set_seed(cfg.train.seed)  # before the model exists: LoRA's A matrices are drawn at init
+    m = cfg.model
+    tokenizer = model_lib.load_tokenizer(m.tokenizer or m.name_or_path, gguf_file=m.gguf_file,
+                                         trust_remote_code=m.trust_remote_code)
+    model = model_lib.load_model(m.name_or_path, dtype=m.dtype, quantization=m.quantization, gguf_file=m.gguf_file,
+                                 trust_remote_code=m.trust_remote_code)
+    model = model_lib.prepare_for_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if cfg.lora.enabled:
+        model = model_lib.add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                   target_modules=cfg.lora.target_modules,
+                                   trainable_params=cfg.lora.trainable_params)
+    handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict())
+    if checkpoint is not None and (checkpoint / TRAINABLE).is_file():
+        model_lib.load_trainable_state_dict(model, load_file(str(checkpoint / TRAINABLE)))
+    trainable, total = model_lib.count_parameters(model)
+
+    train_ds = _dataset(cfg, tokenizer, "train")
+    args = training_arguments(cfg)
+    world = args.world_size
+    tokens_per_step = cfg.train.seq_len * cfg.train.per_device_train_batch_size * \
+        cfg.train.gradient_accumulation_steps * world
+    if is_main_process():
+        log.info("trainable %s / %s parameters (%.2f%%); global batch %d x %d x %d = %d sequences of %d tokens",
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, cfg.train.per_device_train_batch_size,
+                 cfg.train.gradient_accumulation_steps, world, tokens_per_step // cfg.train.seq_len,
+                 cfg.train.seq_len)
+    trainer = LongctxTrainer(
+        model=model, args=args, train_dataset=train_ds,
+        data_collator=data_lib.DataCollator(tokenizer.pad_token_id),
+        callbacks=[CheckpointExtras(cfg), Throughput(tokens_per_step), Preemption()],
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    preempted = any(isinstance(c, Preemption) and c.requested for c in trainer.callback_handler.callbacks)
+    if preempted:
+        log.warning("preempted: checkpoint saved in %s; rerun the same command to resume", run_dir)
+        return run_dir
+    final = save_final(cfg, trainer, handle, tokenizer)
+    return final
+
+
+def _dataset(cfg: Config, tokenizer, split: str):
+    d = cfg.data
+    if d.format == "sft":
+        return data_lib.build_sft_dataset(d.train, tokenizer, cfg.train.seq_len, prompt_template=d.prompt_template,
+                                          split=split, num_proc=d.num_proc)
+    return data_lib.build_pretrain_dataset(d.train, tokenizer, cfg.train.seq_len, split=split,
+                                           text_field=d.text_field, hub_config=d.hub_config, hub_split=d.hub_split,
+                                           min_doc_tokens=d.min_doc_tokens, document_aware=d.document_aware,
+                                           num_proc=d.num_proc)
+
+
+def save_final(cfg: Config, trainer: Trainer, handle, tokenizer) -> Path:
+    """RUN/final: adapter (or full weights), embed/norm weights, tokenizer and longctx.json."""
+    final = Path(cfg.train.output_dir) / "final"
+    trainer.save_model(str(final))
+    state_dict = model_lib.trainable_state_dict(trainer.model) if cfg.lora.enabled else {}
+    if is_main_process():
+        if state_dict:
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / TRAINABLE))
+        tokenizer.save_pretrained(str(final))
+        info = {"base_model": cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file,
+                "train_seq_len": cfg.train.seq_len, "lora": cfg.lora.enabled, **handle.longctx_json(),
+                "steps": trainer.state.global_step, "config": cfg.model_dump(mode="json")}
+        (final / "longctx.json").write_text(json.dumps(info, indent=1))
+        log.info("final model in %s", final)
+    _barrier()
+    return final
