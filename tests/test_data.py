@@ -1,0 +1,328 @@
+"""longctx.data against hand-built expectations: packing, SFT masking, document isolation, bad data."""
+
+import hashlib
+import json
+import logging
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from longctx import data
+from longctx.data import DataError, build_pretrain_dataset, build_sft_dataset, collate, load_texts
+
+EOS, PAD, BOS, INST, END_INST = 0, 1, 2, 4, 5
+
+
+def w(i: int) -> int:
+    """Token id of the word ``w{i}`` in the test tokenizer."""
+    return i + 6
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """Word-level tokenizer: ``w{i}`` -> i + 6, whitespace split, BOS added as a special token."""
+    words = ["<eos>", "<pad>", "<s>", "<unk>", "[INST]", "[/INST]"] + [f"w{i}" for i in range(1000)]
+    t = Tokenizer(models.WordLevel({x: i for i, x in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def write_docs(folder: Path, docs: list[list[int]]) -> Path:
+    """One .txt file per document (sorted names keep the order); document = words w{i}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, doc in enumerate(docs):
+        (folder / f"doc{k:03d}.txt").write_text(" ".join(f"w{i}" for i in doc))
+    return folder
+
+
+def rows(ds, key="input_ids"):
+    return [list(r) for r in ds[key]]
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+
+def test_packing_blocks_eos_and_every_token_once(tmp_path, tok, caplog):
+    docs = [list(range(0, 5)), list(range(5, 8)), list(range(8, 19)), list(range(19, 21))]  # unique words
+    src = write_docs(tmp_path / "docs", docs)
+    with caplog.at_level(logging.INFO, logger="longctx.data"):
+        ds = build_pretrain_dataset(str(src), tok, seq_len=6)
+    # stream: 5+1, 3+1, 11+1, 2+1 = 25 tokens -> 4 rows of 6, the final 1 token (EOS of doc 4) dropped
+    expected = [w(0), w(1), w(2), w(3), w(4), EOS,
+                w(5), w(6), w(7), EOS, w(8), w(9),
+                w(10), w(11), w(12), w(13), w(14), w(15),
+                w(16), w(17), w(18), EOS, w(19), w(20)]
+    assert rows(ds) == [expected[i:i + 6] for i in range(0, 24, 6)]
+    assert rows(ds, "labels") == rows(ds)
+    assert "position_ids" not in ds.column_names
+    flat = [t for r in rows(ds) for t in r]
+    words = [t for t in flat if t != EOS]
+    assert words == [w(i) for i in range(21)]           # every word token once, in order
+    assert [i for i, t in enumerate(flat) if t == EOS] == [5, 9, 21]
+    assert "dropped the final 1 tokens" in caplog.text
+
+
+def test_packing_exact_fit_drops_nothing(tmp_path, tok, caplog):
+    src = write_docs(tmp_path / "d", [[0, 1, 2], [3, 4, 5, 6]])   # 4 + 5 = 9 tokens with EOS
+    with caplog.at_level(logging.INFO, logger="longctx.data"):
+        ds = build_pretrain_dataset(str(src), tok, seq_len=3)
+    assert rows(ds) == [[w(0), w(1), w(2)], [EOS, w(3), w(4)], [w(5), w(6), EOS]]
+    assert "dropped the final 0 tokens" in caplog.text
+
+
+def test_min_doc_tokens_skips_counts_and_logs(tmp_path, tok, caplog):
+    src = write_docs(tmp_path / "d", [[0, 1, 2, 3], [4], [5, 6, 7], [8, 9]])
+    with caplog.at_level(logging.INFO, logger="longctx.data"):
+        ds = build_pretrain_dataset(str(src), tok, seq_len=4, min_doc_tokens=3)
+    assert rows(ds) == [[w(0), w(1), w(2), w(3)], [EOS, w(5), w(6), w(7)]]
+    assert "skipped 2 of 4 documents with fewer than 3 tokens (3 tokens in all)" in caplog.text
+    assert "dropped the final 1 tokens" in caplog.text
+
+
+def test_empty_documents_are_skipped_and_logged(tmp_path, tok, caplog):
+    src = write_docs(tmp_path / "d", [[0, 1], [], [2]])
+    with caplog.at_level(logging.INFO, logger="longctx.data"):
+        ds = build_pretrain_dataset(str(src), tok, seq_len=5)
+    assert rows(ds) == [[w(0), w(1), EOS, w(2), EOS]]
+    assert "skipped 1 of 3 documents" in caplog.text
+
+
+def test_jsonl_text_field(tmp_path, tok):
+    f = tmp_path / "x.jsonl"
+    f.write_text("\n".join(json.dumps({"body": f"w{i} w{i + 1}", "id": i}) for i in (0, 2)))
+    texts = load_texts(str(f), text_field="body")
+    assert texts.column_names == ["text"] and list(texts["text"]) == ["w0 w1", "w2 w3"]
+    ds = build_pretrain_dataset(str(f), tok, seq_len=3, text_field="body")
+    assert rows(ds) == [[w(0), w(1), EOS], [w(2), w(3), EOS]]
+
+
+def test_glob_and_parquet_sources(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_docs(tmp_path / "g", [[0], [1], [2]])
+    assert list(load_texts(str(tmp_path / "g" / "doc00[02].txt"))["text"]) == ["w0", "w2"]
+    pq.write_table(pa.table({"text": ["w7 w8", "w9"]}), tmp_path / "p.parquet")
+    assert list(load_texts(str(tmp_path / "p.parquet"))["text"]) == ["w7 w8", "w9"]
+
+
+# ------------------------------------------------------------------------------------ document-aware packing
+
+
+def test_document_aware_position_ids(tmp_path, tok):
+    src = write_docs(tmp_path / "d", [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9, 10, 11]])
+    ds = build_pretrain_dataset(str(src), tok, seq_len=6, document_aware=True)
+    # stream: w0 w1 w2 E | w3 w4 E | w5 .. w11 E  (16 tokens -> 2 rows, 4 dropped)
+    assert rows(ds) == [[w(0), w(1), w(2), EOS, w(3), w(4)], [EOS, w(5), w(6), w(7), w(8), w(9)]]
+    # positions restart at each document and at each row (doc 2 continues into row 2 as a new sequence)
+    assert rows(ds, "position_ids") == [[0, 1, 2, 3, 0, 1], [0, 0, 1, 2, 3, 4]]
+    batch = collate([ds[0], ds[1]], pad_token_id=PAD)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}   # no attention_mask: transformers isolates
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 0, 1, 2, 3, 4]]
+
+
+def test_document_aware_attention_isolation(tmp_path, tok):
+    docs = [list(range(0, 7)), list(range(7, 16)), list(range(16, 30))]
+    src = write_docs(tmp_path / "d", docs)
+    ds = build_pretrain_dataset(str(src), tok, seq_len=24, document_aware=True)
+    batch = collate([ds[0]], pad_token_id=PAD)
+    assert batch["input_ids"][0, 8:18].tolist() == [w(i) for i in range(7, 16)] + [EOS]
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                       use_cache=False).logits[0]
+        for lo, hi in [(0, 8), (8, 18)]:                      # documents 1 and 2 with their EOS
+            alone = model(input_ids=batch["input_ids"][:, lo:hi], position_ids=torch.arange(hi - lo)[None],
+                          use_cache=False).logits[0]
+            torch.testing.assert_close(packed[lo:hi], alone, rtol=1e-5, atol=1e-5)
+        # control: plain causal packing lets document 2 see document 1, so its logits differ
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+    assert (leaky[8:18] - packed[8:18]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------ SFT
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_sft_masks_prompt_and_appends_eos(tmp_path, tok):
+    f = write_jsonl(tmp_path / "sft.jsonl", [
+        {"instruction": "w1 w2", "input": "", "output": "w3 w4"},
+        {"instruction": "w5", "input": "w6 w7", "output": "w8"},
+    ])
+    ds = build_sft_dataset(str(f), tok, seq_len=16)
+    assert rows(ds) == [[BOS, INST, w(1), w(2), END_INST, w(3), w(4), EOS],
+                        [BOS, INST, w(5), w(6), w(7), END_INST, w(8), EOS]]
+    assert rows(ds, "labels") == [[-100] * 5 + [w(3), w(4), EOS], [-100] * 6 + [w(8), EOS]]
+
+
+def test_sft_without_input_field_and_custom_template(tmp_path, tok):
+    f = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "w1", "output": "w2"}])
+    ds = build_sft_dataset(str(f), tok, seq_len=8, prompt_template="w9 {instruction} w9{input}")
+    assert rows(ds) == [[BOS, w(9), w(1), w(9), w(2), EOS]]
+    assert rows(ds, "labels") == [[-100] * 4 + [w(2), EOS]]
+
+
+def test_sft_truncates_response_and_logs(tmp_path, tok, caplog):
+    f = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "w1", "output": "w2 w3 w4 w5"}])
+    with caplog.at_level(logging.INFO, logger="longctx.data"):
+        ds = build_sft_dataset(str(f), tok, seq_len=5)
+    assert rows(ds) == [[BOS, INST, w(1), END_INST, w(2)]]
+    assert rows(ds, "labels") == [[-100, -100, -100, -100, w(2)]]
+    assert "truncated the response of 1 of 1 examples" in caplog.text and "(4 tokens cut)" in caplog.text
+
+
+def test_collate_pads_sft_rows_to_longest():
+    feats = [{"input_ids": [7, 8, 9], "labels": [-100, 8, 9]}, {"input_ids": [5], "labels": [5]}]
+    b = collate(feats, pad_token_id=PAD)
+    assert b["input_ids"].tolist() == [[7, 8, 9], [5, PAD, PAD]]
+    assert b["labels"].tolist() == [[-100, 8, 9], [5, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    b = data.DataCollator(PAD, pad_to_multiple_of=4)(feats)
+    assert b["input_ids"].tolist() == [[7, 8, 9, PAD], [5, PAD, PAD, PAD]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_collate_stacks_packed_rows():
+    feats = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5, 6], "labels": [4, 5, 6]}]
+    b = collate(feats, pad_token_id=None)
+    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]] and b["labels"].tolist() == b["input_ids"].tolist()
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+# ------------------------------------------------------------------------------------------------- bad data
+
+
+def test_error_empty_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty source: directory .*empty has no"):
+        load_texts(str(tmp_path / "empty"))
+
+
+def test_error_empty_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"empty source: .*e\.jsonl is empty \(0 bytes\)"):
+        load_texts(str(tmp_path / "e.jsonl"))
+
+
+def test_error_only_empty_documents(tmp_path):
+    (tmp_path / "blank.txt").write_text("")
+    with pytest.raises(DataError, match=r"empty source: all 1 documents in .*blank\.txt are empty"):
+        load_texts(str(tmp_path / "blank.txt"))
+
+
+def test_error_glob_matches_nothing_and_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"empty source: no files match .*\*\.txt"):
+        load_texts(str(tmp_path / "*.txt"))
+    with pytest.raises(DataError, match=r"data file not found: .*nope\.jsonl"):
+        load_texts(str(tmp_path / "nope.jsonl"))
+
+
+def test_error_non_utf8_names_file(tmp_path):
+    write_docs(tmp_path / "d", [[1]])
+    (tmp_path / "d" / "bad.txt").write_bytes(b"w1 \xff\xfe w2")
+    with pytest.raises(DataError, match=r"bad\.txt is not valid UTF-8 \(byte 3"):
+        load_texts(str(tmp_path / "d"))
+
+
+def test_error_unreadable_file(tmp_path, monkeypatch):
+    f = tmp_path / "locked.txt"
+    f.write_text("w1")
+    real = Path.read_bytes
+
+    def deny(self):
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    with pytest.raises(DataError, match=r"cannot read file .*locked\.txt: Permission denied"):
+        load_texts(str(f))
+
+
+def test_error_missing_text_field_lists_columns(tmp_path):
+    f = write_jsonl(tmp_path / "m.jsonl", [{"content": "w1", "id": 1}, {"content": "w2", "id": 2}])
+    with pytest.raises(DataError, match=r"m\.jsonl: missing field 'text' \(available: content, id\)"):
+        load_texts(str(f))
+
+
+def test_error_null_text_counts_rows(tmp_path):
+    f = write_jsonl(tmp_path / "n.jsonl", [{"text": "w1"}, {"text": None}, {"text": None}])
+    with pytest.raises(DataError, match=r"n\.jsonl: field 'text' is null in 2 of 3 rows"):
+        load_texts(str(f))
+
+
+def test_error_fewer_tokens_than_one_block(tmp_path, tok):
+    src = write_docs(tmp_path / "d", [[0, 1], [2]])
+    with pytest.raises(DataError, match=r"5 tokens in 2 documents .* fewer than one block of seq_len=8"):
+        build_pretrain_dataset(str(src), tok, seq_len=8)
+
+
+def test_error_prompt_longer_than_seq_len(tmp_path, tok):
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        {"instruction": "w1", "output": "w2"},
+        {"instruction": "w1 w2 w3 w4 w5", "output": "w6"},
+        {"instruction": "w1 w2 w3", "output": "w6"},
+    ])
+    with pytest.raises(DataError, match=r"p\.jsonl: 2 of 3 prompts have >= seq_len=5 tokens .*"
+                                        r"longest: row 1, 8 tokens"):
+        build_sft_dataset(str(f), tok, seq_len=5)
+
+
+def test_error_sft_missing_output_field(tmp_path, tok):
+    f = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "w1", "response": "w2"}])
+    with pytest.raises(DataError, match=r"s\.jsonl: missing field 'output' \(available: instruction, response\)"):
+        build_sft_dataset(str(f), tok, seq_len=8)
+
+
+def test_error_unknown_builtin():
+    with pytest.raises(DataError, match=r"unknown builtin source 'builtin:nope'; available: builtin:python-stdlib"):
+        load_texts("builtin:nope")
+
+
+# ------------------------------------------------------------------------------------------ python stdlib
+
+
+def test_stdlib_split_is_deterministic_disjoint_and_excludes_tests():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, val = data.stdlib_files("train"), data.stdlib_files("validation")
+    assert train == data.stdlib_files("train") and val == data.stdlib_files("validation")
+    rel_train = [p.relative_to(root).as_posix() for p in train]
+    rel_val = [p.relative_to(root).as_posix() for p in val]
+    assert rel_train == sorted(rel_train) and rel_val == sorted(rel_val)
+    assert not set(rel_train) & set(rel_val)
+    for r in rel_train + rel_val:
+        assert not {"test", "tests", "idle_test", "site-packages"} & set(r.split("/")[:-1]), r
+        split = "validation" if int(hashlib.sha1(r.encode()).hexdigest(), 16) % 100 < 5 else "train"
+        assert split == ("validation" if r in rel_val else "train"), r
+    assert len(train) + len(val) > 500 and 0.02 < len(val) / (len(train) + len(val)) < 0.1
+    assert {"os.py", "asyncio/tasks.py"} <= set(rel_train + rel_val)
+
+
+def test_stdlib_load_texts_one_document_per_file():
+    val = data.stdlib_files("validation")
+    texts = load_texts("builtin:python-stdlib", split="validation")
+    assert texts.column_names == ["text"] and len(texts) == len(val)
+    assert texts[0]["text"] == val[0].read_text(encoding="utf-8")
+    with pytest.raises(DataError, match="split must be 'train' or 'validation'"):
+        load_texts("builtin:python-stdlib", split="test")
+
+
+def test_num_proc_bounded_by_cores(monkeypatch):
+    monkeypatch.setattr(data, "_cores", lambda: 2)
+    assert data._num_proc(64, rows=10_000) == 2
+    assert data._num_proc(None, rows=10_000) == 2
+    assert data._num_proc(8, rows=10) is None
