@@ -186,6 +186,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     for p in _named_parameters(model).values():
         # bitsandbytes packs two 4-bit values per byte of its storage dtype.
         n = p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
+        n = getattr(p, "ds_numel", n)  # ZeRO-3 keeps a shard here; ds_numel is the whole parameter
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

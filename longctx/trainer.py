@@ -15,6 +15,7 @@ What Trainer does not do and we add, each as a small callback or a method:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -109,7 +110,7 @@ class CheckpointExtras(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        state_dict = model_lib.trainable_state_dict(model)  # collective under ZeRO-3: every rank calls it
+        state_dict = trainable_state(model)  # collective under ZeRO-3: every rank calls it
         _barrier()
         if is_main_process():
             if state_dict:
@@ -173,6 +174,24 @@ class LongctxTrainer(Trainer):
         return loss
 
 
+def zero3_gathered(model, modify: bool = False):
+    """Under ZeRO-3 the embed/norm parameters are partitioned across ranks (a rank holds a shape-(0,) shard):
+    gather them whole for saving (modify=False) or loading (modify=True, rank 0's values are scattered back).
+    A no-op without ZeRO-3."""
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The embed/norm weights, whole and on the CPU, also under ZeRO-3 (every rank must call this)."""
+    with zero3_gathered(model):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model_lib.trainable_state_dict(model).items()}
+
+
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -216,6 +235,14 @@ def train(cfg: Config) -> Path:
             os.environ["WANDB_MODE"] = "offline"  # no key: the run lands under RUN/wandb, sync it later
 
     set_seed(cfg.train.seed)  # before the model exists: LoRA's A matrices are drawn at init
+    # TrainingArguments before the model: under ZeRO-3 transformers then loads the weights already partitioned
+    # (zero.Init) instead of a full copy per rank.
+    if cfg.train.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import deepspeed
+
+        deepspeed.init_distributed()  # zero.Init (below) reads the world size when the model is built
+    args = training_arguments(cfg)
+    world = args.world_size
     m = cfg.model
     tokenizer = model_lib.load_tokenizer(m.tokenizer or m.name_or_path, gguf_file=m.gguf_file,
                                          trust_remote_code=m.trust_remote_code)
@@ -228,12 +255,11 @@ def train(cfg: Config) -> Path:
                                    trainable_params=cfg.lora.trainable_params)
     handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict())
     if checkpoint is not None and (checkpoint / TRAINABLE).is_file():
-        model_lib.load_trainable_state_dict(model, load_file(str(checkpoint / TRAINABLE)))
+        with zero3_gathered(model, modify=True):
+            model_lib.load_trainable_state_dict(model, load_file(str(checkpoint / TRAINABLE)))
     trainable, total = model_lib.count_parameters(model)
 
     train_ds = _dataset(cfg, tokenizer, "train")
-    args = training_arguments(cfg)
-    world = args.world_size
     tokens_per_step = cfg.train.seq_len * cfg.train.per_device_train_batch_size * \
         cfg.train.gradient_accumulation_steps * world
     if is_main_process():
@@ -270,7 +296,7 @@ def save_final(cfg: Config, trainer: Trainer, handle, tokenizer) -> Path:
     """RUN/final: adapter (or full weights), embed/norm weights, tokenizer and longctx.json."""
     final = Path(cfg.train.output_dir) / "final"
     trainer.save_model(str(final))
-    state_dict = model_lib.trainable_state_dict(trainer.model) if cfg.lora.enabled else {}
+    state_dict = trainable_state(trainer.model) if cfg.lora.enabled else {}
     if is_main_process():
         if state_dict:
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / TRAINABLE))
