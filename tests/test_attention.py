@@ -184,3 +184,24 @@ def test_group_size_follows_length():
     s = S2Settings(group_size_ratio=0.25)
     assert [s.group_size_for(n) for n in (8192, 1024, 30)] == [2048, 256, 6]
     assert S2Settings(group_size=2048).group_size_for(100_000) == 2048
+
+
+def test_gradient_checkpointing_with_s2_gives_the_same_gradients():
+    model = tiny_model(heads=4, kv_heads=2)
+    ids = torch.randint(0, 97, (2, 32))
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, :7] = 0  # the general (padded) path, whose segment plan is cached on the mask object
+    handle = longctx.apply(model, attention={"type": "s2"})
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = grads()
+    handle.remove()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-12, msg=name)
