@@ -1,6 +1,7 @@
-"""Long-context evaluation: perplexity against context length, with plots.
+"""Long-context evaluation: perplexity against context length, passkey retrieval, with plots.
 
     longctx eval ppl --model runs/quickstart/final --lengths 256,512,1024 --out runs/quickstart/eval
+    longctx eval passkey --model runs/quickstart/final --lengths 256,512,1024 --trials 5 --out runs/quickstart/eval
 
 The metric, defined once (Press et al. striding, as in transformers' perplexity guide):
 - one token stream: the evaluation documents tokenized, EOS between them (the same packing as training);
@@ -9,6 +10,14 @@ The metric, defined once (Press et al. striding, as in transformers' perplexity 
   predictions, so each token is scored once and with as much context as the window gives;
 - NLL is the token-weighted mean over all scored tokens, PPL = exp(NLL); `tokens` is how many were scored.
 stride = L means non-overlapping windows. Evaluation always uses dense causal attention (model.eval()).
+
+Passkey retrieval (Landmark Attention / LongLoRA): a task sentence, filler sentences, "The pass key is K. Remember
+it. K is the pass key." after the filler sentence nearest the chosen depth, then "What is the pass key? The pass
+key is"; K is 5 random digits (seeded). The prompt is as long as the target length in the model's own tokens, to
+within one filler sentence and never longer; greedy decoding; correct iff the first number generated is K.
+
+During training (`eval.lengths`, `eval.every`): `training_callback` logs ppl@L every `eval.every` steps and at the
+last step to the trainer's loggers; `eval_run` then writes RUN/eval/ for the base and the final model.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ import argparse
 import json
 import logging
 import math
+import os
+import random
+import re
 from pathlib import Path
 
 import torch
@@ -85,23 +97,133 @@ def eval_tokens(source: str, tokenizer, max_length: int, text_field: str = "text
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Passkey retrieval
+
+PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                "I will quiz you about the important information there.")
+PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                  "There and back again.")
+PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_key(seed: int, length: int, depth: float, trial: int) -> str:
+    """The 5-digit key of one trial: the same for the same (seed, length, depth, trial) on every run."""
+    return str(random.Random(f"{seed}:{length}:{depth}:{trial}").randint(10000, 99999))
+
+
+def _passkey_parts(n: int, depth: float, key: str) -> tuple[str, str]:
+    """(text before the key line, text from the key line on) with n filler sentences, the key after
+    round(depth * n) of them."""
+    k = round(depth * n)
+    filler = [PASSKEY_FILLER[i % len(PASSKEY_FILLER)] for i in range(n)]
+    before = "\n".join(x for x in (PASSKEY_TASK, " ".join(filler[:k])) if x) + "\n"
+    after = "\n".join(x for x in (PASSKEY_LINE.format(key=key), " ".join(filler[k:]), PASSKEY_QUESTION) if x)
+    return before, after
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> dict:
+    """The longest passkey prompt of at most `length` tokens (as the model sees it, special tokens included).
+
+    Returns {text, input_ids, key, tokens, filler (sentences), key_sentence (filler sentences before the key),
+    key_start (token index where the key line starts)}. It is `length` tokens to within one filler sentence.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before the "
+                          f"question), got {depth}")
+
+    def count(n: int) -> int:
+        return len(tokenizer("".join(_passkey_parts(n, depth, key))).input_ids)
+
+    empty = count(0)
+    if empty > length:
+        raise ConfigError(f"--lengths: {length} tokens cannot hold the passkey prompt, which is {empty} tokens "
+                          "without any filler")
+    per = (count(10 * len(PASSKEY_FILLER)) - empty) / (10 * len(PASSKEY_FILLER))  # tokens per filler sentence
+    n, seen = max(0, int((length - empty) / per)), set()
+    while n not in seen:  # Newton steps on the exact count, then +-1 to the largest n that fits
+        seen.add(n)
+        n = max(0, n + math.floor((length - count(n)) / per))
+    while n > 0 and count(n) > length:
+        n -= 1
+    while count(n + 1) <= length:
+        n += 1
+    before, after = _passkey_parts(n, depth, key)
+    ids = tokenizer(before + after).input_ids
+    return {"text": before + after, "input_ids": ids, "key": key, "tokens": len(ids), "filler": n,
+            "key_sentence": round(depth * n), "key_start": len(tokenizer(before).input_ids)}
+
+
+def passkey_correct(generated: str, key: str) -> bool:
+    """Exact match: the first number in the generated text is the key."""
+    m = re.search(r"\d+", generated)
+    return m is not None and m.group() == key
+
+
+@torch.no_grad()
+def passkey_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of the prompt, decoded. `model` needs only `generate` (and optionally `device`)."""
+    ids = torch.tensor([input_ids], device=getattr(model, "device", None) or "cpu")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def passkey(model, tokenizer, lengths: list[int], depths: list[float], trials: int = 5, seed: int = 0) -> dict:
+    """Passkey accuracy for every (length, depth): {lengths, depths, trials, seed, cells: [...]}."""
+    if trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {trials}")
+    if not depths:
+        raise ConfigError("--depths: give at least one depth in [0, 1]")
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ConfigError(f"--depths: every depth must be in [0, 1], got {d}")
+    if hasattr(model, "eval"):
+        model.eval()
+    cells = []
+    for L in lengths:
+        for d in depths:
+            correct, tokens, answers = 0, 0, []
+            for t in tqdm(range(trials), desc=f"passkey@{L} depth {d}", leave=False):
+                key = passkey_key(seed, L, d, t)
+                prompt = passkey_prompt(tokenizer, L, d, key)
+                # enough new tokens for " KEY." however the tokenizer splits digits
+                n_new = len(tokenizer(" " + key + ".", add_special_tokens=False).input_ids) + 2
+                answer = passkey_answer(model, tokenizer, prompt["input_ids"], n_new)
+                correct += passkey_correct(answer, key)
+                tokens += prompt["tokens"]
+                answers.append({"key": key, "answer": answer})
+            cells.append({"length": L, "depth": d, "accuracy": correct / trials, "correct": correct,
+                          "trials": trials, "mean_tokens": tokens / trials, "answers": answers})
+    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed, "cells": cells}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading what to evaluate
 
-def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32"):
-    """(model, tokenizer, label) from a run's final/ dir, an exported HF dir, or a base model (+ rope overrides)."""
+def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer, label) from a run's final/ dir, an exported HF dir, or a base model (+ rope overrides).
+
+    A run's final/ is rebuilt as it was trained: the base model (never 4-bit: a QLoRA run is rebuilt on the
+    16-bit/float32 base), its LoRA adapter, the embed/norm weights and the rope scaling from longctx.json. A full
+    fine-tuning run's final/ holds the whole model. On the GPU when there is one (`device` overrides).
+    """
     import longctx
     from longctx import model as model_lib
 
+    device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     p = Path(path)
     info_path = p / "longctx.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
-        base = model_lib.load_model(info["base_model"], dtype=dtype, gguf_file=info.get("gguf_file"))
-        model = base
         if info.get("lora"):
             from peft import PeftModel
 
+            base = model_lib.load_model(info["base_model"], dtype=dtype, gguf_file=info.get("gguf_file"))
             model = PeftModel.from_pretrained(base, str(p))
+        else:  # full fine-tuning: final/ holds every weight
+            model = model_lib.load_model(str(p), dtype=dtype)
         extras = p / "trainable_params.safetensors"
         if extras.is_file():
             from safetensors.torch import load_file
@@ -111,16 +233,25 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32"):
                                                                                   "partial_rotary_factor")}
         longctx.apply(model, rope=rope or user_rope or None)
         tokenizer = model_lib.load_tokenizer(str(p))
-        return model.eval(), tokenizer, p.parent.name + "/" + p.name
-    if not p.exists() and ("/" not in path or path.startswith((".", "/"))):
+        return model.to(device).eval(), tokenizer, p.parent.name + "/" + p.name
+    hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not path.endswith(".gguf")
+    if not p.exists() and not hub_id:
         raise ConfigError(f"--model: {path} does not exist (expected a run's final/ directory, an exported model "
                           "directory, a .gguf file or a hub id)")
-    model = model_lib.load_model(path, dtype=dtype)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"--model: {path} is a directory without config.json or longctx.json (expected a run's "
+                          "final/ directory or a Hugging Face model directory)")
+    try:
+        model = model_lib.load_model(path, dtype=dtype)
+    except OSError as e:
+        if p.exists():
+            raise
+        raise ConfigError(f"--model: {path} is not a local path and could not be loaded from the hub: {e}") from None
     if rope:
         longctx.apply(model, rope=rope)
     tokenizer = model_lib.load_tokenizer(path)
     label = p.name + (f" {rope.get('rope_type')} x{rope.get('factor', '')}" if rope else "")
-    return model.eval(), tokenizer, label
+    return model.to(device).eval(), tokenizer, label
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,23 +292,110 @@ def plot_ppl(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def eval_run(cfg, final: Path) -> dict:
-    """After training: PPL of the base (unscaled) and of RUN/final at eval.lengths -> RUN/eval/."""
+def write_passkey(result: dict, out: Path) -> None:
+    """passkey.json (accuracy per length and depth), passkey.md (a table) and passkey.png (a depth x length heatmap)."""
+    out.mkdir(parents=True, exist_ok=True)
+    acc = {str(L): {str(d): c["accuracy"] for d in result["depths"] for c in result["cells"]
+                    if c["length"] == L and c["depth"] == d} for L in result["lengths"]}
+    by_length = {str(L): sum(v.values()) / len(v) for L, v in acc.items()}
+    (out / "passkey.json").write_text(json.dumps({**result, "accuracy": acc, "accuracy_by_length": by_length},
+                                                 indent=1))
+    lines = ["| depth | " + " | ".join(f"{L} tok" for L in result["lengths"]) + " |",
+             "|---|" + "---|" * len(result["lengths"])]
+    for d in result["depths"]:
+        lines.append(f"| {d:g} | " + " | ".join(f"{acc[str(L)][str(d)]:.2f}" for L in result["lengths"]) + " |")
+    lines.append("| all | " + " | ".join(f"{by_length[str(L)]:.2f}" for L in result["lengths"]) + " |")
+    (out / "passkey.md").write_text("\n".join(lines) + "\n")
+    plot_passkey(result["lengths"], result["depths"], acc, out / "passkey.png", result.get("model"))
+
+
+def plot_passkey(lengths: list[int], depths: list[float], acc: dict, path: Path, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [[acc[str(L)][str(d)] for L in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title(f"passkey accuracy{': ' + title if title else ''}", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_eval_tokens(cfg, tokenizer) -> torch.Tensor:
+    """The evaluation stream of a training config: data.eval, else the validation split of data.train."""
     source = cfg.data.eval or cfg.data.train
     split = "train" if cfg.data.eval else "validation"
+    return eval_tokens(source, tokenizer, max(cfg.eval.lengths), text_field=cfg.data.text_field, split=split,
+                       hub_config=cfg.data.hub_config, hub_split=cfg.data.hub_split)
+
+
+def eval_run(cfg, final: Path) -> dict:
+    """After training: PPL of the base (unscaled) and of RUN/final at eval.lengths -> RUN/eval/ (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
     results = {}
     tokens = None
     for label, path in (("base", cfg.model.name_or_path), ("extended", str(final))):
         model, tokenizer, _ = load_for_eval(path, dtype=cfg.model.dtype)
         if tokens is None:
-            tokens = eval_tokens(source, tokenizer, max(cfg.eval.lengths), text_field=cfg.data.text_field,
-                                 split=split, hub_config=cfg.data.hub_config, hub_split=cfg.data.hub_split)
+            tokens = run_eval_tokens(cfg, tokenizer)
         results[label] = [perplexity(model, tokens, L, cfg.eval.stride, max_tokens=cfg.eval.max_tokens,
                                      desc=f"{label} ppl@{L}") for L in cfg.eval.lengths]
+        del model
     out = Path(cfg.train.output_dir) / "eval"
     write_ppl(results, out)
     log.info("perplexity:\n%s", (out / "ppl.md").read_text())
     return results
+
+
+def training_callback(cfg, tokenizer):
+    """A TrainerCallback that logs ppl@L (eval.lengths) every eval.every steps and at the last step.
+
+    Every rank runs the same windows (under ZeRO-3 a forward is collective); Trainer's loggers report from rank 0.
+    Set `.trainer` after building the Trainer: the values go through `trainer.log` to every logger.
+    """
+    from transformers import TrainerCallback
+
+    class PerplexityDuringTraining(TrainerCallback):
+        def __init__(self):
+            self.trainer = None
+            self.tokens = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.tokens is None:  # fails before the first step if the data is too short for a window
+                self.tokens = run_eval_tokens(cfg, tokenizer)
+                if self.tokens.numel() < max(cfg.eval.lengths):
+                    raise ConfigError(f"eval.lengths: the evaluation data has {self.tokens.numel()} tokens, fewer "
+                                      f"than one window of {max(cfg.eval.lengths)}")
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            last = step >= state.max_steps
+            if not (last or (cfg.eval.every and step % cfg.eval.every == 0)):
+                return
+            was_training = model.training
+            try:
+                logs = {f"ppl@{L}": perplexity(model, self.tokens, L, cfg.eval.stride, max_tokens=cfg.eval.max_tokens,
+                                               desc=f"step {step} ppl@{L}")["ppl"] for L in cfg.eval.lengths}
+            finally:
+                model.train(was_training)
+            if int(os.environ.get("RANK", "0")) == 0:
+                log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in logs.items()))
+            if self.trainer is not None:
+                self.trainer.log(logs)
+
+    return PerplexityDuringTraining()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,19 +411,24 @@ def _lengths(text: str) -> list[int]:
     return values
 
 
-def cmd_ppl(args) -> int:
+def _rope_overrides(items: list[str] | None) -> dict | None:
+    """--rope rope_type=yarn factor=4 -> a validated rope dict (rope.* keys of the config)."""
     from longctx.config import RopeConfig, _apply_override
     from pydantic import ValidationError
 
-    rope = None
-    if args.rope:
-        raw: dict = {}
-        for item in args.rope:
-            _apply_override(raw, item if item.startswith("rope.") else "rope." + item)
-        try:
-            rope = RopeConfig.model_validate(raw["rope"]).model_dump(exclude_none=True)
-        except ValidationError as e:
-            raise ConfigError(f"--rope: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    if not items:
+        return None
+    raw: dict = {}
+    for item in items:
+        _apply_override(raw, item if item.startswith("rope.") else "rope." + item)
+    try:
+        return RopeConfig.model_validate(raw["rope"]).model_dump(exclude_none=True)
+    except ValidationError as e:
+        raise ConfigError(f"--rope: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+
+
+def cmd_ppl(args) -> int:
+    rope = _rope_overrides(args.rope)
     results = {}
     tokens = None
     for path in args.model:
@@ -221,8 +444,28 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def _depths(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+
+
+def cmd_passkey(args) -> int:
+    rope = _rope_overrides(args.rope)
+    for d in args.depths:  # before the model loads
+        if not 0.0 <= d <= 1.0:
+            raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before "
+                              f"the question), got {d:g}")
+    model, tokenizer, label = load_for_eval(args.model, rope=rope, dtype=args.dtype)
+    result = {"model": label, **passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed)}
+    write_passkey(result, Path(args.out))
+    print((Path(args.out) / "passkey.md").read_text())
+    return 0
+
+
 def add_parsers(sub) -> None:
-    e = sub.add_parser("eval", help="evaluate: perplexity vs length")
+    e = sub.add_parser("eval", help="evaluate: perplexity vs length, passkey retrieval")
     esub = e.add_subparsers(dest="eval_command", required=True)
     p = esub.add_parser("ppl", help="perplexity at several context lengths")
     p.add_argument("--model", nargs="+", required=True, help="RUN/final, an exported dir, or a base model")
@@ -237,3 +480,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--add", nargs="*", help="earlier ppl.json files to draw on the same plot")
     p.add_argument("--out", required=True, help="output directory (ppl.json, ppl.md, ppl.png)")
     p.set_defaults(func=cmd_ppl)
+
+    k = esub.add_parser("passkey", help="passkey retrieval accuracy by context length and key depth")
+    k.add_argument("--model", required=True, help="RUN/final, an exported dir, or a base model")
+    k.add_argument("--lengths", type=_lengths, required=True, help="prompt lengths in tokens, e.g. 256,512,1024")
+    k.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="key positions in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    k.add_argument("--trials", type=int, default=5, help="keys per (length, depth) (default 5)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the random keys")
+    k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    k.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=dynamic factor=4")
+    k.add_argument("--out", required=True, help="output directory (passkey.json, passkey.md, passkey.png)")
+    k.set_defaults(func=cmd_passkey)

@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import longctx
 from longctx import data as data_lib
+from longctx import evaluate
 from longctx import model as model_lib
 from longctx.config import Config, ConfigError
 
@@ -267,11 +268,15 @@ def train(cfg: Config) -> Path:
                  f"{trainable:,}", f"{total:,}", 100 * trainable / total, cfg.train.per_device_train_batch_size,
                  cfg.train.gradient_accumulation_steps, world, tokens_per_step // cfg.train.seq_len,
                  cfg.train.seq_len)
+    # ppl@L every eval.every steps and at the last step, to the trainer's loggers
+    ppl = evaluate.training_callback(cfg, tokenizer) if cfg.eval.lengths else None
     trainer = LongctxTrainer(
         model=model, args=args, train_dataset=train_ds,
         data_collator=data_lib.DataCollator(tokenizer.pad_token_id),
-        callbacks=[CheckpointExtras(cfg), Throughput(tokens_per_step), Preemption()],
+        callbacks=[CheckpointExtras(cfg), Throughput(tokens_per_step), Preemption(), *([ppl] if ppl is not None else [])],
     )
+    if ppl is not None:
+        ppl.trainer = trainer  # it logs through trainer.log
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     preempted = any(isinstance(c, Preemption) and c.requested for c in trainer.callback_handler.callbacks)
     if preempted:
