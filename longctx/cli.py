@@ -44,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 rope.factor=4")
     t.set_defaults(func=cmd_train)
 
-    from longctx import evaluate
+    from longctx import evaluate, export
 
     evaluate.add_parsers(sub)
+    from longctx import sweep
+
+    sweep.add_parsers(sub)
+    export.add_parser(sub)
     return p
 
 
