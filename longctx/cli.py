@@ -47,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     from longctx import evaluate, export
 
     evaluate.add_parsers(sub)
-    from longctx import sweep
-
-    sweep.add_parsers(sub)
     export.add_parser(sub)
     return p
 
