@@ -270,10 +270,10 @@ def train(cfg: Config) -> Path:
                  cfg.train.seq_len)
     # ppl@L every eval.every steps and at the last step, to the trainer's loggers
     ppl = evaluate.training_callback(cfg, tokenizer) if cfg.eval.lengths else None
+    callbacks = [CheckpointExtras(cfg), Throughput(tokens_per_step), Preemption()] + ([ppl] if ppl else [])
     trainer = LongctxTrainer(
         model=model, args=args, train_dataset=train_ds,
-        data_collator=data_lib.DataCollator(tokenizer.pad_token_id),
-        callbacks=[CheckpointExtras(cfg), Throughput(tokens_per_step), Preemption(), *([ppl] if ppl is not None else [])],
+        data_collator=data_lib.DataCollator(tokenizer.pad_token_id), callbacks=callbacks,
     )
     if ppl is not None:
         ppl.trainer = trainer  # it logs through trainer.log

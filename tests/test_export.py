@@ -1,7 +1,8 @@
 """A trained micro run: ppl@L logged during training, then `longctx export` and plain transformers round trips.
 
-One LoRA run (3 steps, yarn x2 from 64 to 128 tokens, S2, ppl every 2 steps and at the end) is trained with `python train.py` and
-shared by the tests of this file; one 2-step QLoRA run checks the merge into the unquantized base.
+One LoRA run (3 steps, yarn x2 from 64 to 128 tokens, S2, ppl every 2 steps and at the end) is trained with
+`python train.py` and shared by the tests of this file; a 1-step QLoRA run checks the merge into the unquantized
+base.
 """
 
 from __future__ import annotations
