@@ -251,9 +251,12 @@ def train(cfg: Config) -> Path:
                                  trust_remote_code=m.trust_remote_code)
     model = model_lib.prepare_for_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
     if cfg.lora.enabled:
-        model = model_lib.add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                   target_modules=cfg.lora.target_modules,
-                                   trainable_params=cfg.lora.trainable_params)
+        try:
+            model = model_lib.add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                       target_modules=cfg.lora.target_modules,
+                                       trainable_params=cfg.lora.trainable_params)
+        except ValueError as e:  # a target module or trainable_params substring the model does not have
+            raise ConfigError(f"lora: {e}") from None
     handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict())
     if checkpoint is not None and (checkpoint / TRAINABLE).is_file():
         with zero3_gathered(model, modify=True):

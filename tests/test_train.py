@@ -200,3 +200,11 @@ def test_deepspeed_two_processes_train_and_resume(micro, corpus, tmp_path, zero)
     assert again.returncode == 0, again.stderr[-3000:]
     steps = losses(out, "checkpoint-6")
     assert sorted(steps) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in steps.values())
+
+
+def test_lora_names_the_model_lacks_exit_2(micro, corpus, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "run")
+    proc = run(cfg, "lora.trainable_params=[embed, layernorm_xyz]", check=False)
+    assert proc.returncode == 2 and "trainable_params: 'layernorm_xyz' matches no parameter name" in proc.stderr
+    proc = run(cfg, "lora.target_modules=[qkv_proj]", check=False)
+    assert proc.returncode == 2 and "qkv_proj" in proc.stderr and "Traceback" not in proc.stderr
