@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 rope.factor=4")
     t.set_defaults(func=cmd_train)
 
-    from longctx import evaluate, export
+    from longctx import evaluate, export, sweep
 
     evaluate.add_parsers(sub)
     export.add_parser(sub)
+    sweep.add_parsers(sub)
     return p
 
 
