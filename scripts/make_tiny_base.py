@@ -55,18 +55,36 @@ def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
 
 
 @torch.no_grad()
-def perplexity(model, stream: np.ndarray, length: int, batch_size: int) -> tuple[float, float, int]:
-    """Token-weighted mean NLL over non-overlapping windows of ``length`` tokens -> (nll, ppl, tokens)."""
-    windows = torch.from_numpy(stream[: len(stream) // length * length].reshape(-1, length))
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size]
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                                                x[:, 1:].reshape(-1), reduction="sum")
-        total += nll.item()
-        count += x[:, 1:].numel()
-    return total / count, math.exp(total / count), count
+def evaluate(out: Path, val_texts: list[str], batch_tokens: int) -> dict:
+    """Validation perplexity of the saved model with plain transformers (dense attention, no RoPE scaling):
+    token-weighted mean NLL over non-overlapping windows of each length, all lengths on the same tokens;
+    and, inside the longest windows, the perplexity of the predictions made at each range of positions."""
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer(val_texts[0])["input_ids"]) == val_texts[0]
+    stream = token_stream(tokenizer, val_texts)
+    stream = stream[: len(stream) // max(EVAL_LENGTHS) * max(EVAL_LENGTHS)]
+    table, by_position = {}, {}
+    for length in EVAL_LENGTHS:
+        windows = torch.from_numpy(stream.reshape(-1, length))
+        nlls = []
+        for i in range(0, len(windows), max(1, batch_tokens // length)):
+            x = windows[i:i + max(1, batch_tokens // length)]
+            logits = model(input_ids=x, use_cache=False).logits.float()
+            nlls.append(torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:],
+                                                          reduction="none"))
+        nll = torch.cat(nlls)                     # (windows, length - 1); column j = prediction at position j
+        table[length] = {"nll": round(nll.mean().item(), 4), "ppl": round(math.exp(nll.mean().item()), 2),
+                         "tokens": nll.numel()}
+        print(f"ppl@{length}: {table[length]['ppl']:.2f} (nll {table[length]['nll']:.4f}, {nll.numel()} "
+              f"predicted tokens)", flush=True)
+    edges = [0, 128, 256, 512, 1024, max(EVAL_LENGTHS) - 1]
+    for lo, hi in zip(edges, edges[1:]):
+        part = nll[:, lo:hi].mean().item()
+        by_position[f"{lo}-{hi}"] = {"nll": round(part, 4), "ppl": round(math.exp(part), 2)}
+    print("ppl by position in", max(EVAL_LENGTHS), "windows:", by_position, flush=True)
+    return {"validation_documents": len(val_texts), "validation_eval_tokens": int(len(stream)), "ppl": table,
+            "ppl_by_position_in_2048_windows": by_position}
 
 
 def main() -> None:
@@ -86,7 +104,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-batch-tokens", type=int, default=8192)
+    ap.add_argument("--eval-only", action="store_true", help="re-evaluate the model in --out, update metrics.json")
     args = ap.parse_args()
+    if args.eval_only:
+        torch.set_num_threads(args.threads)
+        path = Path(args.out) / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        val_texts = list(load_texts(STDLIB, "validation")["text"])
+        metrics.update(evaluate(Path(args.out), val_texts, args.eval_batch_tokens))
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        return
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -158,26 +185,13 @@ def main() -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
-    # Evaluate the saved files with plain transformers: dense attention, no RoPE scaling.
-    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.decode(tokenizer(val_texts[0])["input_ids"]) == val_texts[0]
-    stream = token_stream(tokenizer, val_texts)
-    stream = stream[: len(stream) // max(EVAL_LENGTHS) * max(EVAL_LENGTHS)]  # same tokens for every length
-    table = {}
-    for length in EVAL_LENGTHS:
-        nll, ppl, count = perplexity(model, stream, length, max(1, args.eval_batch_tokens // length))
-        table[length] = {"nll": round(nll, 4), "ppl": round(ppl, 2), "tokens": count}
-        print(f"ppl@{length}: {ppl:.2f} (nll {nll:.4f}, {count} predicted tokens)", flush=True)
-
     metrics = {
         "args": vars(args), "parameters": n_params, "vocab_size": len(tokenizer),
         "train_documents": len(train_texts), "train_tokens": int(len(train_ids)), "train_blocks": n_blocks,
         "epochs_started": epoch + 1, "steps": args.steps, "tokens_seen": args.steps * args.batch * args.seq_len,
         "final_loss_avg_last_50": round(final_loss, 4), "train_seconds": round(train_seconds),
-        "total_seconds": round(time.time() - t0), "validation_documents": len(val_texts),
-        "validation_eval_tokens": int(len(stream)), "ppl": table,
         "torch": torch.__version__, "python": platform.python_version(),
+        **evaluate(out, val_texts, args.eval_batch_tokens), "total_seconds": round(time.time() - t0),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
