@@ -629,6 +629,9 @@ def collect(sweep: Sweep, status: dict[str, str] | None = None) -> list[dict[str
         row = {"run": run.name, **{k: run.own.get(k) for k in keys}, "status": state}
         row.update({f"ppl@{r['length']}": r["ppl"] for r in sorted(_ppl_rows(ppl), key=lambda r: r["length"])})
         row["passkey"] = passkey_accuracy(passkey) if passkey is not None else None
+        by_length = passkey.get("accuracy_by_length") if isinstance(passkey, dict) else None
+        if isinstance(by_length, dict):
+            row.update({f"passkey@{L}": passkey_accuracy(v) for L, v in by_length.items()})
         if sweep.file.mode == "train":
             stats = train_stats(run.dir, sweep.logs / f"{run.name}.log")
             row.update(train_loss=stats["train_loss"], tokens_per_s=stats["tokens_per_s"])
@@ -642,9 +645,12 @@ def write_leaderboard(sweep: Sweep, rows: list[dict[str, Any]]) -> Path:
     out = sweep.output_dir
     out.mkdir(parents=True, exist_ok=True)
     lengths = sorted({r["length"] for row in rows for r in row["_ppl"]})
-    fixed = [c for c in rows[0] if not c.startswith("_") and not c.startswith("ppl@")] if rows else ["run"]
+    passkey_lengths = sorted({int(c.split("@")[1]) for row in rows for c in row if c.startswith("passkey@")
+                              and c.split("@")[1].isdigit()})
+    fixed = [c for c in rows[0] if not c.startswith(("_", "ppl@", "passkey@"))] if rows else ["run"]
     tail = [c for c in ("passkey", "train_loss", "tokens_per_s") if c in fixed]
-    columns = [c for c in fixed if c not in tail] + [f"ppl@{L}" for L in lengths] + tail
+    columns = [c for c in fixed if c not in tail] + [f"ppl@{L}" for L in lengths] + tail[:1] + \
+        [f"passkey@{L}" for L in passkey_lengths] + tail[1:]
     key = f"ppl@{lengths[-1]}" if lengths else None
     rows = sorted(rows, key=lambda r: (r.get(key) is None, r.get(key) or 0.0)) if key else rows
     with open(out / "leaderboard.csv", "w", newline="", encoding="utf-8") as f:
@@ -673,7 +679,7 @@ def _cell(v: Any, csv_: bool = False) -> str:
     if v is None:
         return "" if csv_ else "-"
     if isinstance(v, float):
-        return repr(v) if csv_ else (f"{v:.3f}" if math.isfinite(v) else str(v))
+        return repr(v) if csv_ else (f"{v:.1f}" if abs(v) >= 1000 else f"{v:.3f}" if math.isfinite(v) else str(v))
     if isinstance(v, (list, dict)):
         return json.dumps(v)
     return str(v)

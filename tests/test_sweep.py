@@ -137,6 +137,13 @@ def done_sweep(base, tmp_path_factory):
     return path, d / "out", time.time() - t0
 
 
+def cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -198,14 +205,34 @@ def test_interrupted_run_resumes_on_rerun(done_sweep, capsys):
     assert (run / "eval" / "ppl.json").is_file() and len(read_csv(out / "leaderboard.csv")) == 4
 
 
+def test_leaderboard_reads_passkey_results(done_sweep, capsys):
+    from longctx.evaluate import write_passkey
+
+    path, out, _ = done_sweep
+    cells = [{"length": L, "depth": d, "accuracy": a} for L, d, a in [(64, 0.0, 1.0), (64, 1.0, 0.5),
+                                                                        (128, 0.0, 0.5), (128, 1.0, 0.0)]]
+    write_passkey({"lengths": [64, 128], "depths": [0.0, 1.0], "trials": 2, "seed": 0, "cells": cells},
+                  out / "rope_type-linear__factor-2" / "eval")
+    rc, stdout, _ = sweep_cli(capsys, path, "--collect")
+    assert rc == 0 and "skipping" not in stdout
+    rows = {r["run"]: r for r in read_csv(out / "leaderboard.csv")}
+    row = rows["rope_type-linear__factor-2"]
+    assert float(row["passkey"]) == 0.5 and float(row["passkey@64"]) == 0.75 and float(row["passkey@128"]) == 0.25
+    assert rows["rope_type-yarn__factor-2"]["passkey"] == ""
+    assert sweep_lib.passkey_accuracy({"accuracy": 0.9}) == 0.9
+    assert sweep_lib.passkey_accuracy({"extended": [{"length": 64, "accuracy": 1.0}, {"accuracy": 0.0}]}) == 0.5
+    assert sweep_lib.passkey_accuracy({"foo": "bar"}) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Preemption through submitit's machinery, the debug executor, the SLURM script
 
+@pytest.mark.slow  # torchrun, two trainer starts: about a minute on 2 CPU cores
 def test_preemption_checkpoints_requeues_and_resumes(base, tmp_path):
     """The SLURM job function (torchrun, 1 node x 1 process) on submitit's LocalExecutor: SIGUSR1 to the job ->
     `Job.checkpoint` stops the trainer cleanly -> submitit requeues the job -> it resumes and finishes."""
     path = write_sweep(tmp_path / "s.yaml", base=str(base), output_dir=str(tmp_path / "out"), executor="local",
-                       overrides={"train.max_steps": 6, "eval.lengths": []}, grid={"rope.factor": [2]},
+                       overrides={"train.max_steps": 8, "eval.lengths": []}, grid={"rope.factor": [2]},
                        slurm={"nodes": 1, "gpus_per_node": 1})
     sweep = sweep_lib.load_sweep(path)
     (run,) = sweep.runs
@@ -217,16 +244,15 @@ def test_preemption_checkpoints_requeues_and_resumes(base, tmp_path):
     while not (run.dir / "checkpoint-2" / sweep_lib.COMPLETE).is_file():
         assert not sj.done() and time.time() < deadline, sweep_lib._tail(job.log, 40)
         time.sleep(0.2)
-    tasks = [p for p in psutil.Process(sj._process.pid).children(recursive=True)
-             if "submitit.core._submit" in " ".join(p.cmdline())]
+    tasks = [p for p in psutil.Process(sj._process.pid).children(recursive=True) if "submitit.core._submit" in cmdline(p)]
     assert len(tasks) == 1
     os.kill(tasks[0].pid, signal.SIGUSR1)  # what SLURM sends signal_delay_s before the time limit
     assert sj.result() == str(run.dir), sweep_lib._tail(job.log, 40)
     log = job.log.read_text()
     assert "preemption signal" in log and "saving a checkpoint at the end of this step" in log
     resumed_from = int(log.split(": resuming from checkpoint-")[1].split()[0])
-    assert 2 <= resumed_from < 6 and (run.dir / "final" / "longctx.json").is_file()
-    assert json.loads((run.dir / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    assert 2 <= resumed_from < 8 and (run.dir / "final" / "longctx.json").is_file()
+    assert json.loads((run.dir / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
 
 
 def test_eval_only_sweep_on_the_debug_executor(micro, corpus, base, tmp_path, capsys):
@@ -242,6 +268,21 @@ def test_eval_only_sweep_on_the_debug_executor(micro, corpus, base, tmp_path, ca
     assert list(json.loads((run / "eval" / "ppl.json").read_text())) == ["base yarn x4.0"]
     assert "--rope rope_type=yarn factor=4.0" in (tmp_path / "out" / "logs" / f"{row['run']}.log").read_text()
     assert not (run / "final").exists()  # nothing was trained
+
+
+def test_failed_run_is_reported(base, tmp_path):
+    """A job whose process fails: launch reports it, the leaderboard marks it, its log has the exit code."""
+    path = write_sweep(tmp_path / "s.yaml", base=str(base), output_dir=str(tmp_path / "out"), executor="debug",
+                       grid={"rope.factor": [2, 4]})
+    sweep = sweep_lib.load_sweep(path)
+    jobs = [sweep_lib.make_job(sweep, r) for r in sweep.runs]
+    jobs[1].command = [jobs[1].command[0], "-c", "import sys; print('boom'); sys.exit(3)"]
+    jobs[0].command = [jobs[0].command[0], "-c", "pass"]
+    assert sweep_lib.launch(sweep, sweep.runs, jobs) == {"factor-2": "done", "factor-4": "failed"}
+    rows = {r["run"]: r for r in sweep_lib.collect(sweep, {"factor-4": "failed"})}
+    assert rows["factor-4"]["status"] == "failed" and rows["factor-2"]["status"] == "new"  # no final/ on disk
+    log = (tmp_path / "out" / "logs" / "factor-4.log").read_text()
+    assert "boom" in log and "factor-4: exit code 3" in log
 
 
 def test_slurm_job_array_script(base, tmp_path, monkeypatch, capsys):
