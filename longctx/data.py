@@ -284,8 +284,9 @@ def build_pretrain_dataset(source: str, tokenizer, seq_len: int, split: str = "t
     keep = lengths >= max(1, min_doc_tokens)
     skipped = int((~keep).sum())
     if skipped:
-        log.warning("%s: skipped %d of %d documents with fewer than %d tokens (%d tokens in all)",
-                    source, skipped, len(lengths), max(1, min_doc_tokens), int(lengths[~keep].sum()))
+        why = f"with fewer than {min_doc_tokens} tokens" if min_doc_tokens > 1 else "that are empty"
+        log.warning("%s: skipped %d of %d documents %s (%d tokens in all)", source, skipped, len(lengths), why,
+                    int(lengths[~keep].sum()))
         docs = docs.filter(pa.array(keep))
     total = int(lengths[keep].sum()) + int(keep.sum())
     if total < seq_len:
