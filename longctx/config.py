@@ -105,6 +105,8 @@ class TrainConfig(_Section):
     per_device_train_batch_size: int = Field(1, description="Micro batch per device.")
     gradient_accumulation_steps: int = Field(8, description="Micro batches per optimizer step.")
     gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing.")
+    chunked_loss: bool = Field(True, description="Loss without materialising all logits: chunked lm_head + cross-entropy with recomputation (Liger's fused kernel on CUDA when installed); the same loss and gradients as the plain one.")
+    loss_chunk_size: int = Field(1024, description="chunked_loss: tokens per chunk; at most this many x vocab logits exist at a time.")
     bf16: bool = Field(False, description="bf16 mixed precision.")
     fp16: bool = Field(False, description="fp16 mixed precision.")
     logging_steps: int = Field(10, description="Log every this many steps.")
@@ -191,7 +193,8 @@ def cross_field_problems(cfg: Config) -> list[str]:
         out.append(f"lora.r: must be >= 1, got {cfg.lora.r}")
     if not 0 <= cfg.lora.dropout < 1:
         out.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
-    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                "loss_chunk_size"):
         if getattr(t, key) < 1:
             out.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
     if t.learning_rate <= 0:

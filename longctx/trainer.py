@@ -16,6 +16,7 @@ What Trainer does not do and we add, each as a small callback or a method:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 import longctx
 from longctx import data as data_lib
 from longctx import evaluate
+from longctx import loss as loss_lib
 from longctx import model as model_lib
 from longctx.config import Config, ConfigError
 
@@ -164,7 +166,81 @@ class Preemption(TrainerCallback):
 
 
 class LongctxTrainer(Trainer):
-    """Trainer that refuses to step on a NaN/inf loss (Trainer's own filter would only hide it in the logs)."""
+    """Trainer that refuses to step on a NaN/inf loss (Trainer's own filter would only hide it in the logs) and,
+    with `chunked_loss`, computes the training loss without materialising all logits (longctx/loss.py)."""
+
+    def __init__(self, *args, chunked_loss: bool = False, loss_chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunked_loss = chunked_loss
+        self.loss_chunk_size = loss_chunk_size
+        self._chunked_verified = False
+
+    def _plain_loss_instead(self, reason: str) -> None:
+        self.chunked_loss = False
+        if is_main_process():
+            log.warning("train.chunked_loss: using the plain loss (all logits) because %s", reason)
+
+    def _output_head(self, model) -> torch.nn.Linear | None:
+        """The lm_head the chunked loss stands in for, or None (then the plain loss, said once)."""
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
+            self._plain_loss_instead(f"the output head is a {type(head).__name__}, not a plain nn.Linear "
+                                     "(quantized, LoRA-adapted or wrapped)")
+            return None
+        if hasattr(head.weight, "ds_id"):
+            # Under ZeRO-3 the weight is a shard that DeepSpeed gathers only inside the module's own forward; the
+            # chunked loss reads it outside, so keep the plain path there.
+            self._plain_loss_instead("DeepSpeed ZeRO-3 partitions the lm_head weight")
+            return None
+        return head
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's causal-LM loss, computed as transformers does, but from the hidden states in chunks.
+
+        The model runs as usual (its wrappers: DDP/DeepSpeed, accelerate's autocast, PEFT) with its lm_head passing
+        its input through, so no logits are built; then `loss.causal_lm_loss` with the lm_head's weight, in the
+        dtype the lm_head would have computed in. Same num_items_in_batch handling as Trainer.compute_loss."""
+        if (not self.chunked_loss or return_outputs or not model.training or "labels" not in inputs
+                or self.label_smoother is not None or self.compute_loss_func is not None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        head = self._output_head(model)
+        if head is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels, shift_labels = inputs.pop("labels"), inputs.pop("shift_labels", None)
+        with loss_lib.lm_head_passthrough(head) as seen:
+            outputs = model(**inputs)
+        if not self._chunked_verified:
+            # The model must hand the lm_head's output back unchanged as its logits (no softcapping or scaling
+            # after the head); checked once on the first batch.
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            hidden = seen.get("hidden")
+            if hidden is None or not (logits is hidden or (logits.shape == hidden.shape and torch.equal(
+                    logits.detach().to(hidden.dtype), hidden.detach()))):
+                self._plain_loss_instead("this model changes its logits after the lm_head (or does not call it)")
+                del outputs, seen
+                return super().compute_loss(model, inputs | {"labels": labels} |
+                                            ({"shift_labels": shift_labels} if shift_labels is not None else {}),
+                                            return_outputs, num_items_in_batch)
+            self._chunked_verified = True
+            if is_main_process():
+                liger = hidden.is_cuda and importlib.util.find_spec("liger_kernel") is not None
+                log.info("train.chunked_loss: %s", "Liger fused linear cross-entropy" if liger else
+                         f"chunked lm_head + cross-entropy, {self.loss_chunk_size} tokens per chunk")
+        loss = loss_lib.causal_lm_loss(
+            seen["hidden"], head.weight, labels, bias=head.bias, shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None,
+            chunk_size=self.loss_chunk_size, compute_dtype=seen["dtype"])
+        del outputs
+        # As Trainer.compute_loss: with average_tokens_across_devices num_items_in_batch is the global count.
+        if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None):
+            loss_scale = self.accelerator.num_processes // self.get_tp_size()
+            loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
+        return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -277,6 +353,7 @@ def train(cfg: Config) -> Path:
     trainer = LongctxTrainer(
         model=model, args=args, train_dataset=train_ds,
         data_collator=data_lib.DataCollator(tokenizer.pad_token_id), callbacks=callbacks,
+        chunked_loss=cfg.train.chunked_loss, loss_chunk_size=cfg.train.loss_chunk_size,
     )
     if ppl is not None:
         ppl.trainer = trainer  # it logs through trainer.log
