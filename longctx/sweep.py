@@ -34,6 +34,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ log = logging.getLogger("longctx")
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 CLI = "import sys; from longctx.cli import main; sys.exit(main(sys.argv[1:]))"  # `python -c CLI eval ppl ...`
 COMPLETE = "longctx_complete.json"  # = longctx.trainer.COMPLETE (not imported here: it pulls in transformers)
+RUNNING = ".sweep_running.json"  # in a run directory while a job of this machine runs it: {host, pids}
 PREEMPT_SIGNAL = "USR1"  # SLURM's warning signal (--signal=USR1@delay); the trainer saves and exits 0 on it
 
 
@@ -338,12 +340,18 @@ class Job:
             proc = self._proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd,
                                                  env={**os.environ, **self.env}, start_new_session=True,
                                                  preexec_fn=_die_with_parent)
+            lock = self.run_dir / RUNNING
+            if node == 0:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                lock.write_text(json.dumps({"host": _host(), "pids": _pid_stamps([os.getpid(), proc.pid])}))
             try:
                 while proc.poll() is None:
                     time.sleep(0.5)
             finally:  # also on SystemExit after a requeue, on Ctrl-C and on cancel
                 if proc.poll() is None:
                     _stop(proc, signal.SIGTERM, self.torchrun is not None, timeout=60)
+                if node == 0:
+                    lock.unlink(missing_ok=True)
             rc = proc.returncode
             out.write(f"\n[sweep] {self.name}: exit code {rc}\n")
         if rc != 0:
@@ -362,6 +370,41 @@ class Job:
             _stop(self._proc, getattr(signal, "SIG" + PREEMPT_SIGNAL), self.torchrun is not None,
                   timeout=self.stop_timeout_s)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _pid_stamps(pids: list[int]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            out[str(pid)] = psutil.Process(pid).create_time()
+        except psutil.Error:
+            pass
+    return out
+
+
+def running_here(run_dir: Path) -> str | None:
+    """'process PID' when a job on this machine is still running this run (or its trainer still saving)."""
+    import psutil
+
+    info = _read_json(run_dir / RUNNING)
+    if not isinstance(info, dict) or info.get("host") != _host():
+        return None
+    for pid, created in (info.get("pids") or {}).items():
+        try:
+            p = psutil.Process(int(pid))
+            if abs(p.create_time() - created) < 1 and p.status() != psutil.STATUS_ZOMBIE:
+                return f"process {pid}"
+        except (psutil.Error, ValueError):
+            continue
+    return None
 
 
 def _job_environment() -> tuple[int, list[str], str]:
@@ -477,6 +520,9 @@ def make_executor(sweep: Sweep):
     import submitit
 
     sf, s = sweep.file, sweep.file.slurm
+    if sf.executor == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ConfigError("executor slurm: sbatch/srun not found on PATH; run the sweep on a SLURM login node, or "
+                          "use --executor local")
     folder = sweep.logs / "submitit" / "%j"
     setup = [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"]  # submitit's handler listens to SIGUSR1 then
     if sf.executor == "slurm":
@@ -553,7 +599,7 @@ def active_slurm_jobs(sweep: Sweep) -> dict[str, str]:
         return {}
     queued = set(out.stdout.split())  # running array tasks as 123_4, pending ones as 123_[5-9%2]
     pending_arrays = {q.split("_[")[0] for q in queued if "_[" in q}
-    return {name: i for name, i in json.loads(record.read_text()).items()
+    return {name: f"SLURM job {i}" for name, i in json.loads(record.read_text()).items()
             if i in queued or i.split("_")[0] in pending_arrays}
 
 
@@ -695,7 +741,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.max_parallel < 1:
             raise ConfigError(f"--max-parallel: must be >= 1, got {args.max_parallel}")
         sf.max_parallel = args.max_parallel
-    states = {r.name: run_state(r, sf.mode) for r in sweep.runs}
+    # runs a job is still working on: queued/running on SLURM, or a live process of this machine
+    active = active_slurm_jobs(sweep) if sf.executor == "slurm" else {}
+    active.update({r.name: where for r in sweep.runs if (where := running_here(r.dir))})
+    states = {r.name: f"running ({active[r.name]})" if r.name in active else run_state(r, sf.mode)
+              for r in sweep.runs}
     print(f"sweep {sweep.name}: {len(sweep.runs)} run(s), mode {sf.mode}, executor {sf.executor} -> {sweep.output_dir}")
     width = max(len(r.name) for r in sweep.runs)
     for r in sweep.runs:
@@ -704,11 +754,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     results: dict[str, str] = {}
-    active = active_slurm_jobs(sweep) if sf.executor == "slurm" else {}
     if not args.collect:
         todo = [r for r in sweep.runs if states[r.name] != "done" and r.name not in active]
-        for name, job_id in active.items():
-            print(f"  {name}: still queued or running as SLURM job {job_id}; not resubmitted")
+        for name, where in active.items():
+            print(f"  {name}: still queued or running as {where}; not started again")
         skipped = len(sweep.runs) - len(todo)
         if skipped:
             print(f"skipping {skipped} finished or active run(s)")

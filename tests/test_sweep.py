@@ -285,6 +285,27 @@ def test_failed_run_is_reported(base, tmp_path):
     assert "boom" in log and "factor-4: exit code 3" in log
 
 
+def test_run_still_running_on_this_machine_is_not_started_twice(base, tmp_path, capsys):
+    path = write_sweep(tmp_path / "s.yaml", base=str(base), output_dir=str(tmp_path / "out"), executor="debug",
+                       grid={"rope.factor": [2]})
+    run_dir = tmp_path / "out" / "factor-2"
+    run_dir.mkdir(parents=True)
+    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": sweep_lib._host(),
+                                                         "pids": sweep_lib._pid_stamps([os.getpid()])}))
+    rc, out, _ = sweep_cli(capsys, path)
+    assert rc == 0 and f"still queued or running as process {os.getpid()}" in out
+    assert not (tmp_path / "out" / "logs" / "factor-2.log").exists()
+    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": sweep_lib._host(), "pids": {"1": 0.0}}))  # stale
+    assert sweep_lib.running_here(run_dir) is None
+
+
+def test_slurm_executor_without_slurm_exits_2(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path = write_sweep(tmp_path / "s.yaml", base=str(base), output_dir=str(tmp_path / "out"), executor="slurm")
+    rc, _, err = sweep_cli(capsys, path)
+    assert rc == 2 and "sbatch/srun not found on PATH" in err
+
+
 def test_slurm_job_array_script(base, tmp_path, monkeypatch, capsys):
     """Submit through submitit's SlurmExecutor with stand-in sbatch/srun/squeue, then read what it wrote."""
     bin_ = tmp_path / "bin"
