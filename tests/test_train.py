@@ -13,26 +13,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from micro import make_micro_base
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    return make_micro_base(tmp_path_factory.mktemp("micro") / "base")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A few real documents (stdlib modules) as .txt files: fast to tokenize."""
-    import sysconfig
-
-    d = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "string.py", "bisect.py", "heapq.py", "fnmatch.py", "shlex.py"):
-        (d / (name + ".txt")).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return d
 
 
 def write_config(path: Path, micro: Path, corpus: Path, out: Path, **train) -> Path:
