@@ -12,7 +12,6 @@ is a float, target / original, never a ceil (LongLoRA's integer factor turns 100
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 

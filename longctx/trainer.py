@@ -19,7 +19,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import re
 import signal
