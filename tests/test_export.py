@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM
 from longctx import export as export_lib
 from longctx.cli import main
 from longctx.evaluate import load_for_eval
-from micro import make_micro_base
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -44,22 +43,6 @@ def train_run(tmp: Path, micro: Path, corpus: Path, *overrides: str) -> Path:
                           text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run"
-
-
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    return make_micro_base(tmp_path_factory.mktemp("micro") / "base")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import sysconfig
-
-    d = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "string.py", "bisect.py", "heapq.py"):
-        (d / (name + ".txt")).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return d
 
 
 @pytest.fixture(scope="module")
