@@ -1,0 +1,124 @@
+"""scripts/bench_quality.py: arm selection, every arm's training config, the claims' verdicts on made-up numbers,
+and two arms end to end on the micro model (report files, resume, reuse of a finished run, refusal to mix)."""
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
+bq = sys.modules["bench_quality"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
+_spec.loader.exec_module(bq)
+
+LENGTHS = (256, 512, 1024, 2048)
+
+
+def test_select_arms():
+    assert [a.name for a in bq.select_arms("b")] == [f"b-{t}{f}" for t in ("linear", "ntk", "dynamic", "yarn")
+                                                     for f in (4, 8)]
+    assert [a.name for a in bq.select_arms("c-yarn,a")] == ["a", "c-yarn"]  # ARMS order
+    assert bq.select_arms("all") == list(bq.ARMS)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown arm"):
+        bq.select_arms("a,g-yarn")
+
+
+def test_every_fine_tuning_arm_is_a_valid_quickstart_run(tmp_path):
+    args = bq.parse_args(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--runs", str(tmp_path)])
+    base = bq.load_config(args.config)
+    for arm in (a for a in bq.ARMS if a.trains):
+        cfg = bq.arm_config(arm, args, base)
+        assert cfg.train.max_steps == 60 and cfg.train.seq_len == 1024 and cfg.eval.lengths == []
+        assert (cfg.rope.rope_type, cfg.rope.factor, cfg.attention.type) == (arm.rope, 4.0, arm.attention)
+        assert cfg.train.output_dir == str(tmp_path / arm.name)
+        assert cfg.lora.enabled == arm.lora
+        assert cfg.lora.trainable_params == (["embed", "norm"] if arm.embed_norm else [])
+        assert cfg.train.learning_rate == (2e-3 if arm.lora else 5e-4)
+        assert (cfg.train.seed, cfg.train.lr_scheduler_type, cfg.train.warmup_steps) == (42, "cosine", 10)
+    assert bq.rope_dict(bq.ARM_BY_NAME["b-dynamic8"], base) == {
+        "rope_type": "dynamic", "factor": 8.0, "original_max_position_embeddings": 256}
+
+
+def _res(**ppl: tuple) -> dict:
+    return {arm: {"ppl": [{"length": L, "ppl": p} for L, p in zip(LENGTHS, values)]} for arm, values in ppl.items()}
+
+
+AS_THE_PAPERS_SAY = dict(
+    a=(40, 60, 200, 900),
+    **{"b-linear4": (50, 52, 55, 300), "b-linear8": (60, 62, 64, 66)},
+    **{f"b-{t}{f}": (41, 42, 43, 44) for t in ("ntk", "yarn") for f in (4, 8)},
+    **{"c-linear": (39, 38, 37, 60), "d-linear": (39, 38, 37.5, 58), "c-yarn": (38, 37, 36, 50),
+       "d-yarn": (38, 37, 36.5, 49), "e-yarn": (45, 44, 44, 70), "f-yarn": (37, 36, 35, 50)},
+)
+OTHERWISE = dict(
+    a=(40, 41, 42, 45),
+    **{f"b-linear{f}": (40, 40.5, 41, 42) for f in (4, 8)},
+    **{f"b-{t}{f}": (41, 43, 45, 50) for t in ("ntk", "yarn") for f in (4, 8)},
+    **{"c-linear": (39, 40, 45, 60), "d-linear": (39, 40, 40, 58), "c-yarn": (38, 39, 44, 50),
+       "d-yarn": (38, 39, 39, 49), "e-yarn": (38, 39, 44, 50), "f-yarn": (37, 38, 40, 50)},
+)
+
+
+def test_claims_follow_the_numbers():
+    verdicts = lambda res: [c["verdict"] for c in bq.judge(res, 256, 1024)]  # noqa: E731
+    assert verdicts(_res(**AS_THE_PAPERS_SAY)) == ["CONFIRMED"] * 6
+    assert verdicts(_res(**OTHERWISE)) == ["REFUTED"] * 6
+    mixed = _res(**{**AS_THE_PAPERS_SAY, "b-linear8": OTHERWISE["b-linear8"], "a": (40, 45, 55, 65),
+                    "c-linear": OTHERWISE["c-linear"]})
+    assert verdicts(mixed) == ["MIXED"] * 5 + ["CONFIRMED"]
+    assert verdicts(_res(a=AS_THE_PAPERS_SAY["a"])) == ["CONFIRMED"] + ["NOT MEASURED"] * 5
+    claim = bq.judge(_res(**AS_THE_PAPERS_SAY), 256, 1024)[0]
+    assert claim["checks"][0].startswith("(a) PPL@2048 / PPL@256 = 900.00 / 40.00 = 22.50")
+
+
+def test_two_arms_end_to_end_then_resume(micro, corpus, tmp_path, monkeypatch, capsys, caplog):
+    config = tmp_path / "micro.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(micro)},
+        "rope": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
+        "attention": {"type": "s2", "group_size_ratio": 0.25},
+        "data": {"train": str(corpus), "eval": str(corpus), "num_proc": 1},
+        "train": {"seq_len": 128, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                  "learning_rate": 3e-3, "warmup_steps": 0, "logging_steps": 1, "gradient_checkpointing": False,
+                  "seed": 7}}))
+    out, runs = tmp_path / "out" / "quality", tmp_path / "runs"
+    argv = ["--config", str(config), "--arms", "a,c-yarn", "--train-tokens", "256", "--eval-tokens", "200",
+            "--lengths", "64,128", "--passkey-lengths", "256", "--passkey-depths", "0.5", "--passkey-trials", "1",
+            "--out", str(out), "--runs", str(runs), "--threads", "1"]
+    assert bq.main(argv) == 0
+    assert {p.name for p in out.iterdir()} == {"a.json", "c-yarn.json"}
+    c = json.loads((out / "c-yarn.json").read_text())
+    assert c["train"]["steps"] == 2 and c["train"]["tokens"] == 256 and c["train"]["wall_s"] > 0
+    assert 0 < c["trainable_params"] < c["total_params"]
+    assert [r["length"] for r in c["ppl"]] == [64, 128] and c["passkey"]["accuracy_by_length"].keys() == {"256"}
+    assert (runs / "c-yarn" / "final" / "longctx.json").is_file()
+
+    doc = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert list(doc["arms"]) == ["a", "c-yarn"] and doc["machine"]["cores"] >= 1 and doc["command"] in \
+        (tmp_path / "out" / "quality.md").read_text()
+    verdicts = [c["verdict"] for c in doc["claims"]]
+    assert verdicts[0] in ("CONFIRMED", "REFUTED", "MIXED") and verdicts[3] in ("CONFIRMED", "REFUTED", "MIXED")
+    assert verdicts[1:3] == verdicts[4:] == ["NOT MEASURED"] * 2
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "## Claims" in md and f"Direct extrapolation collapses past the trained length: {verdicts[0]}" in md
+    assert md.count("\n| a | ") == md.count("\n| c-yarn | ") == 1
+    assert (tmp_path / "out" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def fail(*a, **k):
+        raise AssertionError("a finished arm ran again")
+
+    monkeypatch.setattr(bq, "run_arm", fail)  # a rerun skips both arms
+    caplog.set_level(logging.INFO, logger="longctx")
+    assert bq.main(argv) == 0
+    assert "a: done before, skipped" in caplog.text and "c-yarn: done before, skipped" in caplog.text
+    assert bq.main(argv[:-2] + ["--eval-tokens", "300", "--threads", "1"]) == 2  # other settings: refused
+    assert "pass --force to redo it" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(bq, "train", fail)  # --force measures again but reuses the finished run
+    assert bq.main(argv + ["--force"]) == 0
+    assert json.loads((out / "c-yarn.json").read_text())["train"]["wall_s"] == c["train"]["wall_s"]
