@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from longctx import rope as rope_registry
+from longctx.errors import validation_messages
 
 
 class ConfigError(ValueError):
@@ -234,7 +235,8 @@ def validate(raw: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid config {source}:\n" + "\n".join("  - " + m for m in _messages(e))) from None
+        messages = validation_messages(e, unknown=lambda loc: "unknown key" + _suggest(loc), other=_must_be)
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join("  - " + m for m in messages)) from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -274,21 +276,11 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def _messages(e: ValidationError) -> list[str]:
-    msgs = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        if err["type"] == "extra_forbidden":
-            msgs.append(f"{loc}: unknown key{_suggest(err['loc'])}")
-        elif err["type"] == "missing":
-            msgs.append(f"{loc}: required key is missing")
-        elif err["type"] == "value_error" and not loc:
-            msgs += [m for m in str(err["ctx"]["error"]).splitlines()]
-        else:
-            allowed = err.get("ctx", {}).get("expected")
-            msg = err["msg"] if not allowed else f"must be {allowed}"
-            msgs.append(f"{loc}: {msg}, got {err.get('input')!r}")
-    return msgs
+def _must_be(err: dict[str, Any]) -> str:
+    """A bad value: 'must be <the allowed values>' where pydantic lists them (a Literal), else its own message."""
+    allowed = err.get("ctx", {}).get("expected")
+    msg = err["msg"] if not allowed else f"must be {allowed}"
+    return f"{msg}, got {err.get('input')!r}"
 
 
 def _suggest(loc: tuple) -> str:

@@ -18,6 +18,14 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from longctx.errors import validation_messages
+
+
+def _at_least_one(name: str, v: float | None, why: str = "") -> float | None:
+    if v is not None and v < 1:
+        raise ValueError(f"{name} must be >= 1{why}, got {v}")
+    return v
+
 
 class RopeParams(BaseModel):
     """What every scaled type has, resolved: the base, the original and target lengths, the factor."""
@@ -34,9 +42,7 @@ class RopeParams(BaseModel):
     @field_validator("factor")
     @classmethod
     def _factor_at_least_one(cls, v: float) -> float:
-        if v < 1:
-            raise ValueError(f"factor must be >= 1 (it compresses positions; < 1 would stretch them), got {v}")
-        return v
+        return _at_least_one("factor", v, " (it compresses positions; < 1 would stretch them)")
 
 
 class NoneParams(RopeParams):
@@ -54,9 +60,7 @@ class NtkParams(RopeParams):
     @field_validator("alpha")
     @classmethod
     def _alpha_at_least_one(cls, v: float | None) -> float | None:
-        if v is not None and v < 1:
-            raise ValueError(f"alpha must be >= 1, got {v}")
-        return v
+        return _at_least_one("alpha", v)
 
 
 class DynamicParams(RopeParams):
@@ -193,20 +197,16 @@ def problems(d: dict[str, Any] | None, prefix: str = "rope.") -> list[str]:
 
 
 def _validation_problems(rt: str, d: dict[str, Any], prefix: str) -> list[str]:
+    params = SCHEMES[rt].params
     try:
-        SCHEMES[rt].params.model_validate(d)
+        params.model_validate(d)
     except ValidationError as e:
-        out = []
-        for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"])
-            if err["type"] == "extra_forbidden":
-                valid = [k for k in SCHEMES[rt].params.model_fields if k not in _INTERNAL]
-                out.append(f"{prefix}{key}: not a parameter of rope_type {rt!r}; its parameters: {', '.join(valid)}")
-            elif err["type"] == "missing":
-                out.append(f"{prefix}{key}: required for rope_type {rt!r}{_HINTS.get((rt, key), '')}")
-            else:
-                out.append(f"{prefix}{key}: {err['msg'].removeprefix('Value error, ')}")
-        return out
+        valid = [k for k in params.model_fields if k not in _INTERNAL]
+        return validation_messages(
+            e, prefix=prefix,
+            unknown=lambda loc: f"not a parameter of rope_type {rt!r}; its parameters: {', '.join(valid)}",
+            missing=lambda loc: f"required for rope_type {rt!r}{_HINTS.get((rt, '.'.join(map(str, loc))), '')}",
+            other=lambda err: err["msg"].removeprefix("Value error, "))
     return []
 
 
