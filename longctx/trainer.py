@@ -35,6 +35,7 @@ from longctx import data as data_lib
 from longctx import evaluate
 from longctx import loss as loss_lib
 from longctx import model as model_lib
+from longctx import plan
 from longctx.config import Config, ConfigError
 
 log = logging.getLogger("longctx")
@@ -319,6 +320,8 @@ def train(cfg: Config) -> Path:
         deepspeed.init_distributed()  # zero.Init (below) reads the world size when the model is built
     args = training_arguments(cfg)
     world = args.world_size
+    if is_main_process():
+        plan.warn_if_too_big(cfg, world)  # advice only: one WARNING line when the predicted peak won't fit
     m = cfg.model
     tokenizer = model_lib.load_tokenizer(m.tokenizer or m.name_or_path, gguf_file=m.gguf_file,
                                          trust_remote_code=m.trust_remote_code)
