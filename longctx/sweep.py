@@ -636,9 +636,8 @@ def passkey_accuracy(obj: Any) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def train_stats(run_dir: Path, log: Path | None = None) -> dict[str, float | None]:
-    """Last logged loss and tokens/s from the newest checkpoint's trainer_state.json; tokens/s from the run's log
-    when the state lacks it (Trainer appends to log_history before callbacks add tokens_per_s to the printed logs)."""
+def train_stats(run_dir: Path) -> dict[str, float | None]:
+    """Last logged loss and tokens/s, and the step count, from the newest checkpoint's trainer_state.json."""
     ckpt = last_checkpoint(run_dir)
     out: dict[str, float | None] = {"train_loss": None, "tokens_per_s": None, "steps": None}
     state = _read_json(ckpt / "trainer_state.json") if ckpt else None
@@ -648,9 +647,6 @@ def train_stats(run_dir: Path, log: Path | None = None) -> dict[str, float | Non
         if "tokens_per_s" in entry:
             out["tokens_per_s"] = entry["tokens_per_s"]
     out["steps"] = (state or {}).get("global_step")
-    if out["tokens_per_s"] is None and log is not None and log.is_file():
-        found = re.findall(r"'tokens_per_s': '?([0-9.eE+-]+)'?", log.read_text(encoding="utf-8", errors="replace"))
-        out["tokens_per_s"] = float(found[-1]) if found else None
     return out
 
 
@@ -679,7 +675,7 @@ def collect(sweep: Sweep, status: dict[str, str] | None = None) -> list[dict[str
         if isinstance(by_length, dict):
             row.update({f"passkey@{L}": passkey_accuracy(v) for L, v in by_length.items()})
         if sweep.file.mode == "train":
-            stats = train_stats(run.dir, sweep.logs / f"{run.name}.log")
+            stats = train_stats(run.dir)
             row.update(train_loss=stats["train_loss"], tokens_per_s=stats["tokens_per_s"])
         row["_ppl"], row["_base"] = _ppl_rows(ppl), ppl.get("base") if "extended" in ppl else None
         rows.append(row)

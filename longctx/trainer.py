@@ -141,6 +141,11 @@ class Throughput(TrainerCallback):
             steps = state.global_step - self.step0
             if steps > 0:
                 logs["tokens_per_s"] = round(steps * self.tokens_per_step / (time.perf_counter() - self.t0), 1)
+                # Trainer.log appended a copy of `logs` to log_history before calling us: add it there too, so
+                # trainer_state.json in every checkpoint carries the throughput.
+                last = state.log_history[-1] if state.log_history else {}
+                if last.get("step") == state.global_step and last.get("loss") == logs["loss"]:
+                    last["tokens_per_s"] = logs["tokens_per_s"]
 
 
 class Preemption(TrainerCallback):

@@ -55,6 +55,8 @@ def test_run_end_to_end_writes_complete_checkpoints(micro, corpus, tmp_path):
         extras = load_file(str(ckpt / "trainable_params.safetensors"))
         assert "model.embed_tokens.weight" in extras and "model.norm.weight" in extras
         assert any("input_layernorm" in k for k in extras)
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert all(e["tokens_per_s"] > 0 for e in state["log_history"] if "loss" in e)
     info = json.loads((out / "final" / "longctx.json").read_text())
     assert info["rope_parameters"] == {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
                                        "original_max_position_embeddings": 64}
