@@ -239,13 +239,18 @@ def validate(raw: dict, source: str = "config") -> Config:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join("  - " + m for m in messages)) from None
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str) -> Any:
+    """What a YAML file holds; a ConfigError naming `what` ('config file', 'sweep file') when it is missing or bad."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    raw = read_yaml(path, "config file")
     if raw is None:
         return {}
     if not isinstance(raw, dict):

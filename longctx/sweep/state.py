@@ -1,0 +1,77 @@
+"""What a run directory says about a run: its newest complete checkpoint, whether it is finished, and whether a job
+of this machine is running it now (the RUNNING marker the job writes)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from longctx.sweep.spec import Run
+
+COMPLETE = "longctx_complete.json"  # = longctx.trainer.COMPLETE (not imported here: it pulls in transformers)
+RUNNING = ".sweep_running.json"  # in a run directory while a job of this machine runs it: {host, pids}
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete checkpoint-<step> (the one train.resume=auto picks)."""
+    done = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
+            and (p / COMPLETE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def is_finished(run: Run, mode: str) -> bool:
+    has_eval = (run.dir / "eval" / "ppl.json").is_file()
+    if mode == "eval":
+        return has_eval
+    return (run.dir / "final" / "longctx.json").is_file() and (has_eval or not run.config.eval.lengths)
+
+
+def run_state(run: Run, mode: str) -> str:
+    if is_finished(run, mode):
+        return "done"
+    ckpt = last_checkpoint(run.dir) if mode == "train" else None
+    return f"resume from {ckpt.name}" if ckpt else "new"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _pid_stamps(pids: list[int]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            out[str(pid)] = psutil.Process(pid).create_time()
+        except psutil.Error:
+            pass
+    return out
+
+
+def running_here(run_dir: Path) -> str | None:
+    """'process PID' when a job on this machine is still running this run (or its trainer still saving)."""
+    import psutil
+
+    info = _read_json(run_dir / RUNNING)
+    if not isinstance(info, dict) or info.get("host") != _host():
+        return None
+    for pid, created in (info.get("pids") or {}).items():
+        try:
+            p = psutil.Process(int(pid))
+            if abs(p.create_time() - created) < 1 and p.status() != psutil.STATUS_ZOMBIE:
+                return f"process {pid}"
+        except (psutil.Error, ValueError):
+            continue
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
