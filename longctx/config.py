@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from longctx import rope as rope_registry
 from longctx.errors import validation_messages
@@ -119,6 +119,12 @@ class TrainConfig(_Section):
     report_to: list[str] = Field([], description="Loggers: wandb, tensorboard.")
     dataloader_num_workers: int = Field(0, description="DataLoader workers.")
 
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_switch(cls, v):
+        # YAML reads `off`/`no`/`false` as False and `on`/`yes`/`true` as True: `train.resume=off` means off.
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
 class EvalConfig(_Section):
     lengths: list[int] = Field([], description="Perplexity context lengths; [] switches evaluation off.")

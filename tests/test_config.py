@@ -102,3 +102,11 @@ def test_every_shipped_config_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(path)
     assert cfg.train.seq_len >= 2
+
+
+@pytest.mark.parametrize("value, expected", [("off", "off"), ("false", "off"), ("on", "auto"), ("null", None),
+                                             ("auto", "auto"), ("runs/x/checkpoint-4", "runs/x/checkpoint-4")])
+def test_resume_override_yaml_booleans(value, expected):
+    # YAML turns `off` into False; the override the README documents must still mean "start fresh".
+    cfg = load_config(None, overrides=["model.name_or_path=m", "train.seq_len=64", f"train.resume={value}"])
+    assert cfg.train.resume == expected
