@@ -304,6 +304,11 @@ def _attention_bytes_per_token(shape: Shape, b: _Bytes, seq_len: int, attention:
     cast for the matmul with v.
     """
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    rep = shape.heads // shape.kv_heads
+    if attention == "s2" and rep > 1 and (shape.heads // 2) % rep:
+        # S2's head halves do not split the kv groups evenly (SmolLM2: 9 heads over 3 kv heads), so k and v are
+        # copied out per query head (attention._head_halves / _expand_kv).
+        kv = q
     linear = (2 * q + 2 * kv) * b.attention + shape.heads * 4
     if attention == "eager":
         return linear + shape.heads * seq_len * (4 + b.attention)

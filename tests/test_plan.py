@@ -236,6 +236,9 @@ def test_train_consults_the_plan_before_loading_the_model(monkeypatch, tmp_path)
 
 MEASURED = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=2000, tie_word_embeddings=False)
+# SmolLM2's head layout (9 query heads over 3 kv heads): S2's head halves split a kv group, so k/v are copied out.
+MEASURED_9_3 = LlamaConfig(hidden_size=144, intermediate_size=384, num_hidden_layers=2, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=2000, tie_word_embeddings=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -251,15 +254,16 @@ def training_model(config, dtype: str, targets, extras, checkpointing: bool = Fa
     return model.train()
 
 
-@pytest.mark.parametrize("dtype, targets, extras, mixed", [
-    ("float32", ("q_proj", "k_proj", "v_proj", "o_proj"), ("embed", "norm"), None),
-    ("bfloat16", "all-linear", (), None),
-    ("bfloat16", ("q_proj", "k_proj", "v_proj", "o_proj"), ("embed", "norm"), "bf16"),
-    ("float32", None, (), "bf16"),
-])
-def test_saved_activations_equal_what_autograd_keeps(dtype, targets, extras, mixed):
+@pytest.mark.parametrize("config, dtype, targets, extras, mixed", [
+    (MEASURED, "float32", ("q_proj", "k_proj", "v_proj", "o_proj"), ("embed", "norm"), None),
+    (MEASURED, "bfloat16", "all-linear", (), None),
+    (MEASURED, "bfloat16", ("q_proj", "k_proj", "v_proj", "o_proj"), ("embed", "norm"), "bf16"),
+    (MEASURED, "float32", None, (), "bf16"),
+    (MEASURED_9_3, "float32", ("q_proj", "k_proj", "v_proj", "o_proj"), ("embed", "norm"), None),
+], ids=["fp32-lora", "bf16-all-linear", "bf16-autocast", "full-ft-autocast", "fp32-lora-9-over-3-heads"])
+def test_saved_activations_equal_what_autograd_keeps(config, dtype, targets, extras, mixed):
     n = 512
-    model = training_model(MEASURED, dtype, targets, extras)
+    model = training_model(config, dtype, targets, extras)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
@@ -274,8 +278,8 @@ def test_saved_activations_equal_what_autograd_keeps(dtype, targets, extras, mix
         layer.register_forward_pre_hook(lambda *_: hooks.__enter__())
         layer.register_forward_hook(lambda *_: hooks.__exit__(None, None, None))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed is not None):
-        model(input_ids=torch.randint(0, MEASURED.vocab_size, (1, n)))
-    e = plan.estimate(MEASURED, seq_len=n, lora=targets is not None, lora_targets=targets or (),
+        model(input_ids=torch.randint(0, config.vocab_size, (1, n)))
+    e = plan.estimate(config, seq_len=n, lora=targets is not None, lora_targets=targets or (),
                       trainable_params=extras, dtype=dtype, mixed_precision=mixed, gradient_checkpointing=False,
                       device="cpu")
     assert e.parts[plan.ALL_ACTIVATIONS] + e.parts[plan.ATTENTION] == pytest.approx(sum(kept.values()), rel=0.05)
