@@ -85,14 +85,13 @@ def worker(spec: dict) -> None:
     benchlib.report({"step_s": seconds, "peak_rss": benchlib.peak_rss_bytes(), "rss_after_warmup": rss_before})
 
 
-def predicted_peak(args, n: int, attention: str, ckpt: bool) -> int | None:
-    """longctx.plan's estimate for the same step on the CPU, or None where the planner is not available."""
-    try:
-        from longctx import plan
-    except ImportError:
-        return None
+def predicted_peak(args, n: int, attention: str, ckpt: bool) -> int:
+    """longctx.plan's estimate for the same step on the CPU."""
+    from longctx import plan
+
     est = plan.estimate(model_config(args, n), seq_len=n, lora=not args.full_ft, lora_r=args.lora_r,
-                        gradient_checkpointing=ckpt, attention=attention, group_size=int(n * args.ratio),
+                        gradient_checkpointing=ckpt, attention="s2" if attention == "s2" else "sdpa",
+                        group_size=int(n * args.ratio),
                         chunked_loss=True, device="cpu")
     return est.total
 
@@ -106,8 +105,9 @@ def write_results(rows: list[dict], args, peak: float, out: Path) -> None:
             f"vocab {args.vocab}, float32, batch 1, {mode}, chunked loss, AdamW; S2 G = {args.ratio} N.  \n"
             f"fp32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s (best 2048^3 matmul, start and end).  \n"
             "MFU: model FLOPs (no recomputation) / (step time x peak); see scripts/bench_train.py for the count. "
-            "Peak RSS: the whole process (ru_maxrss), model and optimizer included; planned: `longctx.plan` "
-            "estimate for the same step.\n\n"
+            "Peak RSS: the whole process (ru_maxrss), model and optimizer included"
+            + (f", glibc MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} in the workers" if args.mmap_threshold else "")
+            + "; planned: `longctx.plan` estimate for the same step.\n\n"
             "| N | attention | ckpt | step s | tokens/s | MFU | peak RSS GiB | planned GiB | planned / measured |\n"
             "|---|---|---|---|---|---|---|---|---|\n")
     lines = []
@@ -172,6 +172,9 @@ def main() -> None:
     ap.add_argument("--full-ft", action="store_true", help="train every weight instead of LoRA + embed/norm")
     ap.add_argument("--repeats", type=int, default=1, help="timed steps per configuration (best is kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--mmap-threshold", type=int, default=None,
+                    help="glibc MALLOC_MMAP_THRESHOLD_ for the workers (bytes): freed blocks above it go back to the "
+                         "OS at once, so peak RSS tracks live tensors instead of the heap's high-water mark")
     ap.add_argument("--out", type=Path, default=None, help="markdown results (json and png beside it)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -189,9 +192,10 @@ def main() -> None:
     rows = []
     plan = [(n, attention, ckpt) for n in args.lengths for attention, ckpt in CONFIGS]
     for n, attention, ckpt in tqdm(plan, desc="bench_train", unit="run"):
-        spec = {**{k: v for k, v in vars(args).items() if k not in ("out", "worker", "lengths")},
+        spec = {**{k: v for k, v in vars(args).items() if k not in ("out", "worker", "lengths", "mmap_threshold")},
                 "n": n, "attention": attention, "ckpt": ckpt}
-        r = benchlib.run_worker([__file__, "--worker", json.dumps(spec)])
+        env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
+        r = benchlib.run_worker([__file__, "--worker", json.dumps(spec)], env=env)
         flops = step_flops(model_config(args, n), n, attention, args.full_ft, args.lora_r, args.ratio)
         row = {"n": n, "attention": attention, "ckpt": ckpt, "step_s": r["step_s"], "tokens_per_s": n / r["step_s"],
                "flops": flops, "peak_rss": r["peak_rss"], "rss_after_warmup": r["rss_after_warmup"],

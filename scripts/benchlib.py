@@ -73,14 +73,18 @@ def _rss_of(pid: int) -> int:
         return 0
 
 
-def run_worker(args: list[str], rss_limit: int | None = None, timeout: float | None = None) -> dict:
+def run_worker(args: list[str], rss_limit: int | None = None, timeout: float | None = None,
+               env: dict[str, str] | None = None) -> dict:
     """Run `python *args` in a fresh process; its reported dict, or {"fits": False, ...} if it crossed rss_limit.
+
+    `env`: variables added to the worker's environment (e.g. glibc's MALLOC_MMAP_THRESHOLD_).
 
     Any other failure raises with the worker's stderr tail: a crash is not a measurement.
     """
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                env={**os.environ, **(env or {})})
         seen = 0
         while proc.poll() is None:
             seen = max(seen, _rss_of(proc.pid))
