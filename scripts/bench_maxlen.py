@@ -90,11 +90,21 @@ def worker(spec: dict) -> None:
 
 
 def step(args, side: str, n: int, model_dir: Path, group_size: int | None = None) -> dict:
+    """One training step in a fresh process; with --reuse, a step already logged in the scratch dir is not rerun."""
     spec = {"side": side, "n": n, "model_dir": str(model_dir), "threads": args.threads,
-            "group_size": group_size or args.group_size}
+            "group_size": (group_size or args.group_size) if side == "longctx" else None}
+    log = args.scratch / "steps.jsonl"
+    key = {k: spec[k] for k in ("side", "n", "group_size", "model_dir")} | {"limit_gib": args.limit_gib}
+    if args.reuse and log.exists():
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            if {k: row.get(k) for k in key} == key:
+                return row
     r = benchlib.run_worker([__file__, "--worker", json.dumps(spec)], rss_limit=int(args.limit_gib * GIB))
-    row = {"side": side, "n": n, "group_size": spec["group_size"] if side == "longctx" else None, **r}
+    row = {**key, **r}
     print(json.dumps(row), flush=True)
+    with log.open("a") as f:
+        f.write(json.dumps(row) + "\n")
     return row
 
 
@@ -112,22 +122,24 @@ def search(args, side: str, model_dir: Path, probes: list[int]) -> dict:
     rows = [step(args, side, n, model_dir) for n in probes]
     limit = args.limit_gib * GIB
     # longctx lengths are whole S2 groups (the uniform path a packed batch takes); plain ones multiples of 1024
-    ROUND = args.group_size if side == "longctx" else 1024
+    unit = args.group_size if side == "longctx" else 1024
     for _ in range(args.max_rounds):
         a, b = fit(rows)
         lo = max(r["n"] for r in rows if r["fits"])
         hi = min((r["n"] for r in rows if not r["fits"]), default=None)
-        if hi is not None and hi - lo <= max(ROUND, lo // 20):
+        if hi is not None and hi - lo <= max(unit, lo // 20):
             break
-        guess = int((limit - a) / b * 0.98) // ROUND * ROUND  # just under where the line meets the limit
+        guess = int((limit - a) / b * 0.98) // unit * unit  # just under where the line meets the limit
         if hi is not None and not lo < guess < hi:
-            guess = (lo + hi) // 2 // ROUND * ROUND  # the line is off: bisect
+            guess = (lo + hi) // 2 // unit * unit  # the line is off: bisect
         elif hi is None and guess <= lo:
-            guess = (lo * 21 // 20 // ROUND + 1) * ROUND
+            guess = (lo * 21 // 20 // unit + 1) * unit
         r = step(args, side, guess, model_dir)
         rows.append(r)
+        if r["fits"] and args.no_bracket:
+            break
         if r["fits"] and hi is None:  # bracket it from above at once: 5% longer
-            rows.append(step(args, side, (guess * 21 // 20 // ROUND + 1) * ROUND, model_dir))
+            rows.append(step(args, side, (guess * 21 // 20 // unit + 1) * unit, model_dir))
     fits = [r for r in rows if r["fits"]]
     best = max(fits, key=lambda r: r["n"])
     fails = [r["n"] for r in rows if not r["fits"]]
@@ -147,18 +159,29 @@ def full_depth(args, gguf: str, scratch: Path) -> dict:
     return out
 
 
-def planned(model_dir: Path, side: str, n: int, group_size: int) -> int | None:
-    """longctx.plan's CPU estimate for the same step, or None where the planner is not available."""
-    try:
-        from longctx import plan
-    except ImportError:
-        return None
+def planned(model_dir: Path, side: str, n: int, group_size: int, layers: int | None = None) -> int:
+    """longctx.plan's CPU estimate of the same step (of the model at `layers` depth when given)."""
     from transformers import AutoConfig
 
+    from longctx import plan
+
     cfg = AutoConfig.from_pretrained(model_dir)
+    if layers:
+        cfg.num_hidden_layers = layers
     longctx = side == "longctx"
     return plan.estimate(cfg, seq_len=n, lora=True, gradient_checkpointing=True, attention="s2" if longctx else "sdpa",
-                         group_size=group_size, chunked_loss=longctx, device="cpu").total
+                         group_size=min(group_size, n), chunked_loss=longctx, device="cpu").total
+
+
+def planned_max(model_dir: Path, side: str, limit: float, group_size: int, layers: int | None = None) -> int:
+    """The longest N (a multiple of 1024) whose planned peak stays under `limit`: bisection on the estimate."""
+    lo, hi = 1024, 1024
+    while planned(model_dir, side, hi, group_size, layers) <= limit:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        lo, hi = (mid, hi) if planned(model_dir, side, mid, group_size, layers) <= limit else (lo, mid)
+    return lo
 
 
 def write_results(res: dict, args, out: Path) -> None:
@@ -187,6 +210,13 @@ def write_results(res: dict, args, out: Path) -> None:
         lines.append(f"| {r['side']} | {r['n']} | {r['group_size'] or '-'} | {'yes' if r['fits'] else 'killed'} | "
                      f"{peak:.2f}{'' if r['fits'] else ' (at kill)'} | {r.get('step_s', float('nan')):.1f} | "
                      f"{plan_gib} |")
+    lines += ["\n## The planner's prediction (`longctx.plan`, device cpu)\n",
+              "| side | layers | planned longest N | measured longest N | planned / measured |", "|---|---|---|---|---|"]
+    for s in res["search"]:
+        p = s["planned_max"]
+        lines.append(f"| {s['side']} | {args.layers} | {p} | {s['max_fit']} | {p / s['max_fit']:.2f} |")
+    for side, p in res["planned_full_depth"].items():
+        lines.append(f"| {side} | 30 (full depth) | {p} | not measured | - |")
     if res.get("full_depth"):
         lines += ["\n## Full depth (30 layers): short probes, extrapolated\n",
                   "| side | probe N: peak RSS GiB | fitted GiB per 1k tokens | extrapolated longest N |", "|---|---|---|---|"]
@@ -208,6 +238,8 @@ def main() -> None:
     ap.add_argument("--group-check", action="store_true", help="also run the largest longctx probe with G/4")
     ap.add_argument("--full-depth-probes", type=int, nargs="*", default=[], help="e.g. 2048 4096")
     ap.add_argument("--max-rounds", type=int, default=3)
+    ap.add_argument("--no-bracket", action="store_true", help="stop at the first predicted length that fits")
+    ap.add_argument("--reuse", action="store_true", help="take steps already logged in SCRATCH/steps.jsonl")
     ap.add_argument("--sides", nargs="+", default=["plain", "longctx"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--scratch", type=Path, default=Path("runs/bench_maxlen"))
@@ -228,9 +260,12 @@ def main() -> None:
         res["group_check"] = [step(args, "longctx", max(args.probes_longctx), model_dir, args.group_size // 4)]
     if args.full_depth_probes:
         res["full_depth"] = full_depth(args, gguf, args.scratch)
+    limit = args.limit_gib * GIB
     for s in res["search"]:
+        s["planned_max"] = planned_max(model_dir, s["side"], limit, args.group_size)
         for r in s["steps"]:
             r["planned"] = planned(model_dir, r["side"], r["n"], args.group_size)
+    res["planned_full_depth"] = {s: planned_max(model_dir, s, limit, args.group_size, layers=30) for s in args.sides}
     if args.out and len(res["search"]) == 2:
         write_results(res, args, args.out)
     print(json.dumps({s["side"]: [s["max_fit"], s["first_fail"]] for s in res["search"]}))
