@@ -360,6 +360,22 @@ def machine() -> dict:
     return info
 
 
+def _machine_text(m: dict) -> str:
+    return (f"{m['cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['torch_threads']} torch threads, GPU "
+            f"{m['gpu'] or 'none'}; python {m['python']}, torch {m['torch']}, transformers {m['transformers']}")
+
+
+def _other_machines(res: dict, current: dict) -> list[str]:
+    """One line per machine (other than this run's) that measured some of the kept arms: results are resumable
+    across sessions, and a session may land on a different CPU or library version."""
+    by_text: dict[str, list[str]] = {}
+    for name, r in res.items():
+        text = _machine_text(r["machine"]) if r.get("machine") else "not recorded"
+        if text != _machine_text(current):
+            by_text.setdefault(text, []).append(name)
+    return [f"Arms {', '.join(names)} were measured on: {text}.  " for text, names in by_text.items()]
+
+
 def _fmt_params(r: dict) -> str:
     n = r["trainable_params"]
     return "0" if not n else f"{n:,} ({100 * n / r['total_params']:.1f}%)"
@@ -389,9 +405,8 @@ def write_report(res: dict, args, base: Config, stem: Path) -> None:
         "# Quality: does context extension work? (issue 6 §1)", "",
         f"Command: `{args.command}`  ",
         *([f"Arms kept from earlier runs of: {', '.join(f'`{c}`' for c in other)}  "] if other else []),
-        f"Date: {when}. Machine: {mach['cores']} cores ({mach['cpu']}), {mach['ram_gib']} GiB RAM, "
-        f"{mach['torch_threads']} torch threads, GPU {mach['gpu'] or 'none'}; python {mach['python']}, torch "
-        f"{mach['torch']}, transformers {mach['transformers']}.", "",
+        f"Date: {when}. Machine: {_machine_text(mach)}.  ",
+        *_other_machines(res, mach), "",
         f"Base `{base.model.name_or_path}`, trained at {original} tokens. Fine-tuned arms: `{args.config}` to "
         f"{target} tokens, {steps} steps x {tokens_per_step(base):,} tokens = {steps * tokens_per_step(base):,} "
         f"tokens each (asked: {args.train_tokens:,}), lr {base.train.learning_rate:g} ({base.train.lr_scheduler_type}"
@@ -401,7 +416,8 @@ def write_report(res: dict, args, base: Config, stem: Path) -> None:
         f"the config's data, {args.eval_tokens:,} scored tokens per length, non-overlapping windows. Passkey: "
         f"depths {', '.join(f'{d:g}' for d in args.passkey_depths)} x {args.passkey_trials} trial(s) per length "
         "(a 2M-parameter code model may retrieve nothing; the numbers are what came out). Train s: wall seconds of "
-        "`longctx.trainer.train` (data, model, steps, saving).", "",
+        "`longctx.trainer.train` (data, model, steps, saving), not a speed benchmark: other jobs may have shared the "
+        "machine (scripts/bench_train.py measures speed).", "",
     ]
     lengths, pk_lengths = args.lengths, args.passkey_lengths
     lines += ["| arm | what | rope | trainable params | train tokens | train s | "
@@ -516,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                 eval_cfg = load_config(args.config, overrides=[f"eval.lengths={args.lengths}"])
                 tokens = ev.run_eval_tokens(eval_cfg, model_lib.load_tokenizer(base.model.name_or_path))
             result = run_arm(arm, args, base, tokens) | {"settings": settings, "command": args.command,
-                                                         "finished": datetime.now().isoformat(timespec="seconds")}
+                                                         "finished": datetime.now().isoformat(timespec="seconds"),
+                                                         "machine": machine()}
             out.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(result, indent=1))

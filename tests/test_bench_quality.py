@@ -76,6 +76,17 @@ def test_claims_follow_the_numbers():
     assert claim["checks"][0].startswith("(a) PPL@2048 / PPL@256 = 900.00 / 40.00 = 22.50")
 
 
+def test_arms_measured_elsewhere_are_named_in_the_report():
+    here = bq.machine()
+    there = {**here, "cpu": "Some Other CPU", "transformers": "0.0"}
+    res = {"a": {"machine": here}, "b-ntk4": {"machine": there}, "c-yarn": {"machine": there}, "d-yarn": {}}
+    assert bq._other_machines(res, here) == [
+        "Arms b-ntk4, c-yarn were measured on: " + bq._machine_text(there) + ".  ",
+        "Arms d-yarn were measured on: not recorded.  "]
+    assert "Some Other CPU" in bq._machine_text(there) and "transformers 0.0" in bq._machine_text(there)
+    assert bq._other_machines({"a": {"machine": here}}, here) == []
+
+
 def test_two_arms_end_to_end_then_resume(micro, corpus, tmp_path, monkeypatch, capsys, caplog):
     config = tmp_path / "micro.yaml"
     config.write_text(yaml.safe_dump({
@@ -94,7 +105,7 @@ def test_two_arms_end_to_end_then_resume(micro, corpus, tmp_path, monkeypatch, c
     assert {p.name for p in out.iterdir()} == {"a.json", "c-yarn.json"}
     c = json.loads((out / "c-yarn.json").read_text())
     assert c["train"]["steps"] == 2 and c["train"]["tokens"] == 256 and c["train"]["wall_s"] > 0
-    assert 0 < c["trainable_params"] < c["total_params"]
+    assert 0 < c["trainable_params"] < c["total_params"] and c["machine"] == bq.machine()
     assert [r["length"] for r in c["ppl"]] == [64, 128] and c["passkey"]["accuracy_by_length"].keys() == {"256"}
     assert (runs / "c-yarn" / "final" / "longctx.json").is_file()
 
