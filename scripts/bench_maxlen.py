@@ -136,8 +136,6 @@ def search(args, side: str, model_dir: Path, probes: list[int]) -> dict:
             guess = (lo * 21 // 20 // unit + 1) * unit
         r = step(args, side, guess, model_dir)
         rows.append(r)
-        if r["fits"] and args.no_bracket:
-            break
         if r["fits"] and hi is None:  # bracket it from above at once: 5% longer
             rows.append(step(args, side, (guess * 21 // 20 // unit + 1) * unit, model_dir))
     fits = [r for r in rows if r["fits"]]
@@ -242,7 +240,6 @@ def main() -> None:
     ap.add_argument("--group-check", action="store_true", help="also run the largest longctx probe with G/4")
     ap.add_argument("--full-depth-probes", type=int, nargs="*", default=[], help="e.g. 2048 4096")
     ap.add_argument("--max-rounds", type=int, default=3)
-    ap.add_argument("--no-bracket", action="store_true", help="stop at the first predicted length that fits")
     ap.add_argument("--reuse", action="store_true", help="take steps already logged in SCRATCH/steps.jsonl")
     ap.add_argument("--sides", nargs="+", default=["plain", "longctx"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
