@@ -214,8 +214,11 @@ def test_leaderboard_reads_passkey_results(done_sweep, capsys):
 def test_preemption_checkpoints_requeues_and_resumes(base, tmp_path):
     """The SLURM job function (torchrun, 1 node x 1 process) on submitit's LocalExecutor: SIGUSR1 to the job ->
     `Job.checkpoint` stops the trainer cleanly -> submitit requeues the job -> it resumes and finishes."""
+    # Enough steps after checkpoint-2 that the signal always lands mid-run: with 8, a fast machine finished the
+    # micro run before the job had seen SIGUSR1 (the test then saw no preemption at all).
+    steps = 40
     path = write_sweep(tmp_path / "s.yaml", base=str(base), output_dir=str(tmp_path / "out"), executor="local",
-                       overrides={"train.max_steps": 8, "eval.lengths": []}, grid={"rope.factor": [2]},
+                       overrides={"train.max_steps": steps, "eval.lengths": []}, grid={"rope.factor": [2]},
                        slurm={"nodes": 1, "gpus_per_node": 1})
     sweep = sweep_lib.load_sweep(path)
     (run,) = sweep.runs
@@ -234,8 +237,8 @@ def test_preemption_checkpoints_requeues_and_resumes(base, tmp_path):
     log = job.log.read_text()
     assert "preemption signal" in log and "saving a checkpoint at the end of this step" in log
     resumed_from = int(log.split(": resuming from checkpoint-")[1].split()[0])
-    assert 2 <= resumed_from < 8 and (run.dir / "final" / "longctx.json").is_file()
-    assert json.loads((run.dir / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
+    assert 2 <= resumed_from < steps and (run.dir / "final" / "longctx.json").is_file()
+    assert json.loads((run.dir / f"checkpoint-{steps}" / "trainer_state.json").read_text())["global_step"] == steps
 
 
 def test_eval_only_sweep_on_the_debug_executor(micro, corpus, base, tmp_path, capsys):
