@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from longctx.config import ConfigError
 
 
 def _setup_logging() -> None:
-    main = int(os.environ.get("RANK", "0")) == 0  # rank 0 alone prints (torchrun sets RANK)
+    from longctx import dist
+
+    main = dist.is_main()  # rank 0 alone prints (torchrun sets RANK)
     logging.basicConfig(level=logging.INFO if main else logging.ERROR, format="[longctx] %(message)s")
     if not main:
         import transformers

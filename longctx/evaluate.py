@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import re
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from longctx import dist, rundir
 from longctx.config import ConfigError
 
 log = logging.getLogger("longctx")
@@ -212,9 +212,9 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
     import longctx
     from longctx import model as model_lib
 
-    device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = device or dist.local_device()
     p = Path(path)
-    info_path = p / "longctx.json"
+    info_path = rundir.info_path(p)
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         if info.get("lora"):
@@ -224,7 +224,7 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
             model = PeftModel.from_pretrained(base, str(p))
         else:  # full fine-tuning: final/ holds every weight
             model = model_lib.load_model(str(p), dtype=dtype)
-        extras = p / "trainable_params.safetensors"
+        extras = p / rundir.TRAINABLE
         if extras.is_file():
             from safetensors.torch import load_file
 
@@ -342,7 +342,7 @@ def run_eval_tokens(cfg, tokenizer) -> torch.Tensor:
 
 def eval_run(cfg, final: Path) -> dict:
     """After training: PPL of the base (unscaled) and of RUN/final at eval.lengths -> RUN/eval/ (rank 0 only)."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not dist.is_main():
         return {}
     results = {}
     tokens = None
@@ -353,7 +353,7 @@ def eval_run(cfg, final: Path) -> dict:
         results[label] = [perplexity(model, tokens, L, cfg.eval.stride, max_tokens=cfg.eval.max_tokens,
                                      desc=f"{label} ppl@{L}") for L in cfg.eval.lengths]
         del model
-    out = Path(cfg.train.output_dir) / "eval"
+    out = rundir.eval_dir(cfg.train.output_dir)
     write_ppl(results, out)
     log.info("perplexity:\n%s", (out / "ppl.md").read_text())
     return results
@@ -390,7 +390,7 @@ def training_callback(cfg, tokenizer):
                                                desc=f"step {step} ppl@{L}")["ppl"] for L in cfg.eval.lengths}
             finally:
                 model.train(was_training)
-            if int(os.environ.get("RANK", "0")) == 0:
+            if dist.is_main():
                 log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in logs.items()))
             if self.trainer is not None:
                 self.trainer.log(logs)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from longctx import rundir
 from longctx.config import ConfigError
 
 log = logging.getLogger("longctx")
@@ -60,9 +61,9 @@ def verify_positions(n: int) -> list[int]:
 def _read_info(final: Path) -> dict:
     if not final.is_dir():
         raise ConfigError(f"export: {final} does not exist or is not a directory (expected a run's final/ directory)")
-    info_path = final / "longctx.json"
+    info_path = rundir.info_path(final)
     if not info_path.is_file():
-        raise ConfigError(f"export: {final} has no longctx.json: it is not a run's final/ directory (train writes "
+        raise ConfigError(f"export: {final} has no {rundir.INFO}: it is not a run's final/ directory (train writes "
                           "RUN/final; an exported or base model needs no export)")
     return json.loads(info_path.read_text())
 
@@ -226,7 +227,7 @@ def model_card(info: dict, final: Path, config: dict, report: dict) -> str:
              f"{train.get('gradient_accumulation_steps', '?')} per device) |",
              f"| weights | {report['dtype']} |", ""]
     for name, title in (("ppl.md", "Perplexity"), ("passkey.md", "Passkey retrieval (accuracy, depth x length)")):
-        table = final.parent / "eval" / name
+        table = rundir.eval_dir(final.parent) / name
         if table.is_file():
             lines += [f"## {title}", "", table.read_text().strip(), ""]
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",

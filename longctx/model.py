@@ -23,6 +23,8 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from longctx import dist
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LONGLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -67,7 +69,7 @@ def load_model(name_or_path: str, dtype: str = "float32", quantization: str | No
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=DTYPES[dtype])
         # A 4-bit model cannot be moved after loading: put it on this process's device now (LongQLoRA does the same).
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = {"": dist.local_device()}
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
 
 

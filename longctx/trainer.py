@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import longctx
 from longctx import data as data_lib
+from longctx import dist, rundir
 from longctx import evaluate
 from longctx import loss as loss_lib
 from longctx import model as model_lib
@@ -40,8 +40,6 @@ from longctx.config import Config, ConfigError
 
 log = logging.getLogger("longctx")
 
-COMPLETE = "longctx_complete.json"  # written last, atomically: a checkpoint without it is ignored
-TRAINABLE = "trainable_params.safetensors"  # the LongLoRA+ embed/norm weights
 # Fields that define parameter shapes or the meaning of positions: a resume must not change them.
 SHAPE_FIELDS = ("model.name_or_path", "model.gguf_file", "model.quantization", "lora.enabled", "lora.r",
                 "lora.target_modules", "lora.trainable_params", "rope", "train.seq_len", "attention.type")
@@ -51,19 +49,8 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """checkpoint-<step> directories that finished saving, oldest first."""
-    found = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
-             and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
 
 def resolve_resume(cfg: Config) -> Path | None:
     """The checkpoint to resume from, or None to start fresh."""
@@ -72,19 +59,19 @@ def resolve_resume(cfg: Config) -> Path | None:
         return None
     run_dir = Path(cfg.train.output_dir)
     if resume == "auto":
-        done = complete_checkpoints(run_dir)
-        partial = [p.name for p in run_dir.glob("checkpoint-*") if p not in done]
+        done = rundir.complete_checkpoints(run_dir)
+        partial = [p.name for p in rundir.checkpoints(run_dir) if p not in done]
         if partial:
             log.warning("ignoring incomplete checkpoint(s) %s (killed while saving)", ", ".join(sorted(partial)))
         return done[-1] if done else None
     path = Path(resume)
-    if not (path / COMPLETE).is_file():
-        raise ConfigError(f"train.resume: {path} is not a complete longctx checkpoint (no {COMPLETE})")
+    if not rundir.is_complete(path):
+        raise ConfigError(f"train.resume: {path} is not a complete longctx checkpoint (no {rundir.COMPLETE})")
     return path
 
 
 def check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
-    saved_path = checkpoint / "longctx_config.yaml"
+    saved_path = checkpoint / rundir.CHECKPOINT_CONFIG
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text())
@@ -112,17 +99,17 @@ class CheckpointExtras(TrainerCallback):
         self.cfg = cfg
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        ckpt = rundir.checkpoint_dir(args.output_dir, state.global_step)
         state_dict = trainable_state(model)  # collective under ZeRO-3: every rank calls it
-        _barrier()
-        if is_main_process():
+        dist.barrier()
+        if dist.is_main():
             if state_dict:
-                save_file({k: v.contiguous() for k, v in state_dict.items()}, str(ckpt / TRAINABLE))
-            (ckpt / "longctx_config.yaml").write_text(self.cfg.to_yaml())
-            tmp = ckpt / (COMPLETE + ".tmp")
+                save_file({k: v.contiguous() for k, v in state_dict.items()}, str(ckpt / rundir.TRAINABLE))
+            (ckpt / rundir.CHECKPOINT_CONFIG).write_text(self.cfg.to_yaml())
+            tmp = ckpt / (rundir.COMPLETE + ".tmp")
             tmp.write_text(json.dumps({"step": state.global_step, "time": time.time()}))
-            os.replace(tmp, ckpt / COMPLETE)
-        _barrier()
+            os.replace(tmp, ckpt / rundir.COMPLETE)
+        dist.barrier()
 
 
 class Throughput(TrainerCallback):
@@ -183,7 +170,7 @@ class LongctxTrainer(Trainer):
 
     def _plain_loss_instead(self, reason: str) -> None:
         self.chunked_loss = False
-        if is_main_process():
+        if dist.is_main():
             log.warning("train.chunked_loss: using the plain loss (all logits) because %s", reason)
 
     def _output_head(self, model) -> torch.nn.Linear | None:
@@ -231,7 +218,7 @@ class LongctxTrainer(Trainer):
                                             ({"shift_labels": shift_labels} if shift_labels is not None else {}),
                                             return_outputs, num_items_in_batch)
             self._chunked_verified = True
-            if is_main_process():
+            if dist.is_main():
                 liger = hidden.is_cuda and importlib.util.find_spec("liger_kernel") is not None
                 log.info("train.chunked_loss: %s", "Liger fused linear cross-entropy" if liger else
                          f"chunked lm_head + cross-entropy, {self.loss_chunk_size} tokens per chunk")
@@ -274,11 +261,6 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in model_lib.trainable_state_dict(model).items()}
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -293,7 +275,7 @@ def training_arguments(cfg: Config) -> TrainingArguments:
         bf16=t.bf16, fp16=t.fp16, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed, deepspeed=t.deepspeed,
         report_to=t.report_to or "none", dataloader_num_workers=t.dataloader_num_workers,
-        remove_unused_columns=False, logging_nan_inf_filter=False, disable_tqdm=not is_main_process(),
+        remove_unused_columns=False, logging_nan_inf_filter=False, disable_tqdm=not dist.is_main(),
         gradient_checkpointing=False,  # model_lib.prepare_for_training enables it (non-reentrant)
         save_only_model=False, use_cpu=not torch.cuda.is_available(),
     )
@@ -308,9 +290,9 @@ def train(cfg: Config) -> Path:
     checkpoint = resolve_resume(cfg)
     if checkpoint is not None:
         check_resume_compatible(cfg, checkpoint)
-    if is_main_process():
+    if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / rundir.CONFIG).write_text(cfg.to_yaml())
     if "wandb" in cfg.train.report_to:
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
@@ -319,13 +301,13 @@ def train(cfg: Config) -> Path:
     set_seed(cfg.train.seed)  # before the model exists: LoRA's A matrices are drawn at init
     # TrainingArguments before the model: under ZeRO-3 transformers then loads the weights already partitioned
     # (zero.Init) instead of a full copy per rank.
-    if cfg.train.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if cfg.train.deepspeed and dist.world_size() > 1:
         import deepspeed
 
         deepspeed.init_distributed()  # zero.Init (below) reads the world size when the model is built
     args = training_arguments(cfg)
     world = args.world_size
-    if is_main_process():
+    if dist.is_main():
         plan.warn_if_too_big(cfg, world)  # advice only: one WARNING line when the predicted peak won't fit
     m = cfg.model
     tokenizer = model_lib.load_tokenizer(m.tokenizer or m.name_or_path, gguf_file=m.gguf_file,
@@ -341,15 +323,15 @@ def train(cfg: Config) -> Path:
         except ValueError as e:  # a target module or trainable_params substring the model does not have
             raise ConfigError(f"lora: {e}") from None
     handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict())
-    if checkpoint is not None and (checkpoint / TRAINABLE).is_file():
+    if checkpoint is not None and (checkpoint / rundir.TRAINABLE).is_file():
         with zero3_gathered(model, modify=True):
-            model_lib.load_trainable_state_dict(model, load_file(str(checkpoint / TRAINABLE)))
+            model_lib.load_trainable_state_dict(model, load_file(str(checkpoint / rundir.TRAINABLE)))
     trainable, total = model_lib.count_parameters(model)
 
     train_ds = _dataset(cfg, tokenizer, "train")
     tokens_per_step = cfg.train.seq_len * cfg.train.per_device_train_batch_size * \
         cfg.train.gradient_accumulation_steps * world
-    if is_main_process():
+    if dist.is_main():
         log.info("trainable %s / %s parameters (%.2f%%); global batch %d x %d x %d = %d sequences of %d tokens",
                  f"{trainable:,}", f"{total:,}", 100 * trainable / total, cfg.train.per_device_train_batch_size,
                  cfg.train.gradient_accumulation_steps, world, tokens_per_step // cfg.train.seq_len,
@@ -386,17 +368,17 @@ def _dataset(cfg: Config, tokenizer, split: str):
 
 def save_final(cfg: Config, trainer: Trainer, handle, tokenizer) -> Path:
     """RUN/final: adapter (or full weights), embed/norm weights, tokenizer and longctx.json."""
-    final = Path(cfg.train.output_dir) / "final"
+    final = rundir.final_dir(cfg.train.output_dir)
     trainer.save_model(str(final))
     state_dict = trainable_state(trainer.model) if cfg.lora.enabled else {}
-    if is_main_process():
+    if dist.is_main():
         if state_dict:
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / TRAINABLE))
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / rundir.TRAINABLE))
         tokenizer.save_pretrained(str(final))
         info = {"base_model": cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file,
                 "train_seq_len": cfg.train.seq_len, "lora": cfg.lora.enabled, **handle.longctx_json(),
                 "steps": trainer.state.global_step, "config": cfg.model_dump(mode="json")}
-        (final / "longctx.json").write_text(json.dumps(info, indent=1))
+        rundir.info_path(final).write_text(json.dumps(info, indent=1))
         log.info("final model in %s", final)
-    _barrier()
+    dist.barrier()
     return final

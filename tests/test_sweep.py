@@ -70,7 +70,6 @@ def test_run_names_are_derived_from_overrides_and_unique():
     assert sweep_lib.run_name({}) == "base"
     names = sweep_lib._names([{"rope.alpha": 2}, {"lora.alpha": 2}, {"rope.alpha": 3}])
     assert names == ["rope.alpha-2", "lora.alpha-2", "alpha-3"]
-    assert sweep_lib.COMPLETE == __import__("longctx.trainer").trainer.COMPLETE
 
 
 def test_dry_run_expands_grid_x_runs_and_launches_nothing(base, tmp_path, capsys):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from longctx import rundir
 from longctx.sweep.names import _yaml
 from longctx.sweep.spec import Run, Sweep
 from longctx.sweep.state import RUNNING, _host, _pid_stamps, last_checkpoint
@@ -188,7 +189,7 @@ def eval_args(run: Run) -> list[str]:
     split = "train" if cfg.data.eval else "validation"
     args = ["eval", "ppl", "--model", cfg.model.name_or_path, "--lengths", ",".join(map(str, cfg.eval.lengths)),
             "--data", cfg.data.eval or cfg.data.train, "--split", split, "--dtype", cfg.model.dtype,
-            "--out", str(run.dir / "eval")]
+            "--out", str(rundir.eval_dir(run.dir))]
     if cfg.eval.max_tokens:
         args += ["--max-tokens", str(cfg.eval.max_tokens)]
     if cfg.eval.stride:

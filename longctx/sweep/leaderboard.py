@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from longctx import rundir
 from longctx.sweep.spec import Sweep
 from longctx.sweep.state import _read_json, last_checkpoint, run_state
 
@@ -63,8 +64,8 @@ def collect(sweep: Sweep, status: dict[str, str] | None = None) -> list[dict[str
     keys = list(dict.fromkeys(k for r in sweep.runs for k in r.own))
     rows = []
     for run in sweep.runs:
-        ppl = _read_json(run.dir / "eval" / "ppl.json") or {}
-        passkey = _read_json(run.dir / "eval" / "passkey.json")
+        ppl = _read_json(rundir.eval_dir(run.dir) / "ppl.json") or {}
+        passkey = _read_json(rundir.eval_dir(run.dir) / "passkey.json")
         state = run_state(run, sweep.file.mode)
         if state != "done" and (status or {}).get(run.name):
             state = status[run.name]

@@ -4,28 +4,27 @@ of this machine is running it now (the RUNNING marker the job writes)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
+from longctx import rundir
+from longctx.rundir import COMPLETE  # noqa: F401  (re-exported by longctx.sweep)
 from longctx.sweep.spec import Run
 
-COMPLETE = "longctx_complete.json"  # = longctx.trainer.COMPLETE (not imported here: it pulls in transformers)
 RUNNING = ".sweep_running.json"  # in a run directory while a job of this machine runs it: {host, pids}
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
     """Newest complete checkpoint-<step> (the one train.resume=auto picks)."""
-    done = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
-            and (p / COMPLETE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+    done = rundir.complete_checkpoints(run_dir)
+    return done[-1] if done else None
 
 
 def is_finished(run: Run, mode: str) -> bool:
-    has_eval = (run.dir / "eval" / "ppl.json").is_file()
+    has_eval = (rundir.eval_dir(run.dir) / "ppl.json").is_file()
     if mode == "eval":
         return has_eval
-    return (run.dir / "final" / "longctx.json").is_file() and (has_eval or not run.config.eval.lengths)
+    return rundir.info_path(rundir.final_dir(run.dir)).is_file() and (has_eval or not run.config.eval.lengths)
 
 
 def run_state(run: Run, mode: str) -> str:
