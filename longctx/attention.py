@@ -139,10 +139,11 @@ def s2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                          f"{key.shape[2]} keys")
     group = settings.group_size_for(T)
     plan = _plan(attention_mask, kwargs, B, T, group, settings.shift, query.device)
+    kernel = _varlen_kernel(query) if plan is not None else None
     if plan is None:
         out = _uniform(query, key, value, group, settings.shift, scaling, dropout)
-    elif query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_available():
-        out = _flash(query, key, value, plan, scaling, dropout)
+    elif kernel is not None:
+        out = _flash(query, key, value, plan, scaling, dropout, kernel)
     else:
         out = _segments(query, key, value, plan, scaling, dropout)
     return out, None
@@ -277,19 +278,23 @@ def _segments(q, k, v, plan: _Plan, scale, dropout):
     return out.view(B, T, H, D)
 
 
-def _flash_available() -> bool:
+def _varlen_kernel(query: torch.Tensor):
+    """flash-attn's `flash_attn_varlen_func` where it can run (CUDA, 16-bit, flash-attn installed), else None.
+
+    The optional GPU extra is imported here, never at module top level. tests/standins.py has a pure-PyTorch
+    function with the same signature, so the plumbing of `_flash` runs on the CPU in CI."""
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+        return None
     try:
-        import flash_attn  # noqa: F401  (optional GPU extra; never imported at module top level)
+        from flash_attn import flash_attn_varlen_func
     except ImportError:
-        return False
-    return True
+        return None
+    return flash_attn_varlen_func
 
 
-def _flash(q, k, v, plan: _Plan, scale, dropout):
+def _flash(q, k, v, plan: _Plan, scale, dropout, flash_attn_varlen_func):
     """GPU path: flash-attn varlen over the same segments (per-document cu_seqlens, so no batch-wide boundary
     arithmetic: LongLoRA issues #148, #199, #182)."""
-    from flash_attn import flash_attn_varlen_func
-
     B, H, T, D = q.shape
     idx = plan.real_idx
     flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], D)[idx] for x in (q, k, v)]
