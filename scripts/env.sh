@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-if [ -x "$PY" ] && "$PY" -c "import longctx, torch, transformers, peft, deepspeed, bitsandbytes, datasets, submitit" 2>/dev/null; then
+if [ -x "$PY" ] && "$PY" -c "import longctx, torch, transformers, peft, deepspeed, bitsandbytes, datasets, submitit, psutil, pytest" 2>/dev/null; then
   exit 0
 fi
 echo "[env] creating .venv (a few minutes on first use)" >&2
@@ -13,4 +13,5 @@ echo "[env] creating .venv (a few minutes on first use)" >&2
 "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 "$PY" -m pip install -q -r requirements.txt
 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+"$PY" -m pip install -q "pytest>=8"  # the `test` extra of pyproject.toml (the core has no test tools)
 "$PY" -c "import longctx, torch, transformers; print('[env] ready: torch', torch.__version__, '| transformers', transformers.__version__)" >&2
