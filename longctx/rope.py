@@ -12,12 +12,14 @@ is a float, target / original, never a ceil (LongLoRA's integer factor turns 100
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from longctx import compose
 from longctx.errors import validation_messages
 
 
@@ -219,16 +221,50 @@ _HINTS = {
 }
 
 
+# Per-layer-type RoPE (Gemma-3): `rope_parameters` holds one dict per layer type. Only the global layers' dict is
+# scaled: sliding layers attend at most `sliding_window` tokens back, so they never meet a distance beyond their
+# pretrained range (Gemma-3 itself scales only its global layers, with a local base on the sliding ones).
+SCALED_LAYER_TYPE = "full_attention"
+
+
+def scaled_key(config) -> str | None:
+    """None when `rope_parameters` is one dict; SCALED_LAYER_TYPE when it is nested per layer type."""
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict):
+        return None
+    nested = [k for k in rp if k in (getattr(config, "layer_types", None) or ())]
+    if not nested:
+        return None
+    if rp.get(SCALED_LAYER_TYPE) is None:
+        raise ValueError(f"model type {getattr(config, 'model_type', '?')!r} has RoPE per layer type "
+                         f"({', '.join(nested)}) but none for {SCALED_LAYER_TYPE!r} layers, the ones longctx scales")
+    return SCALED_LAYER_TYPE
+
+
+def native_rope(config) -> dict[str, Any]:
+    """The rope_parameters dict longctx scales: the whole one, or the global layers' one when nested."""
+    key = scaled_key(config)
+    rp = getattr(config, "rope_parameters", None)
+    return (rp if key is None else rp[key]) if isinstance(rp, dict) else {}
+
+
+def with_scaled(config, params: dict[str, Any]) -> dict[str, Any]:
+    """The model's whole `rope_parameters` with the scaled dict replaced by `params` (other layer types as they are)."""
+    key = scaled_key(config)
+    return dict(params) if key is None else {**copy.deepcopy(config.rope_parameters), key: dict(params)}
+
+
 def model_rope_defaults(config) -> dict[str, Any]:
     """What a model config says about its RoPE today: theta, original length, partial rotary factor."""
-    rp = getattr(config, "rope_parameters", None)
-    if not isinstance(rp, dict) or "rope_theta" not in rp:
+    rp = native_rope(config)
+    if "rope_theta" not in rp:
         raise ValueError(f"model type {getattr(config, 'model_type', '?')!r} has no RoPE parameters "
                          "(config.rope_parameters); longctx scales RoPE models only (ALiBi models such as bloom "
                          "or mpt are not supported)")
-    return {"rope_theta": rp["rope_theta"],
-            "original_max_position_embeddings": rp.get("original_max_position_embeddings")
-            or config.max_position_embeddings,
+    # Phi-3 keeps its pretrained length outside rope_parameters, and transformers prefers it there.
+    original = (rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+                or config.max_position_embeddings)
+    return {"rope_theta": rp["rope_theta"], "original_max_position_embeddings": original,
             "partial_rotary_factor": rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))}
 
 
@@ -238,6 +274,9 @@ def resolve(d: dict[str, Any], model_config) -> RopeParams:
     if rt not in SCHEMES:
         raise ValueError(f"rope.rope_type: unknown type {rt!r}; valid types: {', '.join(ROPE_TYPES)}")
     full = {k: v for k, v in d.items() if v is not None}
+    native = native_rope(model_config)
+    if rt != "none" and compose.is_scaled(native):  # never silently replace a native scaling (compose.py)
+        full = compose.on_native(full, native, model_config.max_position_embeddings)
     for k, v in model_rope_defaults(model_config).items():
         if v is not None:
             full.setdefault(k, v)
