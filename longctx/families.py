@@ -46,6 +46,9 @@ class Family:
     norms: tuple[str, ...] = LLAMA_NORMS  # RMSNorm weights of one decoder layer
     qk_norm: str | None = None  # "head": q/k RMSNorm per head (weight [head_dim]); "full": over all heads
     qkv_bias: bool = False  # q/k/v biases whatever `attention_bias` says (Qwen2)
+    # The rope types its config class accepts, None for all. Phi3Config accepts only default and longrope, so
+    # longctx writes linear/yarn/llama3 there as the longrope dict with the same numbers (rope.as_longrope).
+    rope_types: tuple[str, ...] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,9 +66,11 @@ FAMILIES: dict[str, Family] = {
                           "5 sliding : 1 global layers; only global layers' RoPE is scaled (a `linear` base "
                           "composes); S² inside the sliding window", norms=SANDWICH_NORMS, qk_norm="head"),
     "phi3": Family("Phi-3/3.5-mini, Phi-4-mini",
-                   "fused qkv_proj/gate_up_proj (LoRA q/k/v/o maps to qkv_proj, o_proj); partial rotary; a "
-                   "`longrope` base extends only with your own long_factor",
-                   fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}),
+                   "fused qkv_proj/gate_up_proj (LoRA q/k/v/o maps to qkv_proj, o_proj); partial rotary; its config "
+                   "takes only longrope, so linear/yarn/llama3 are written as the equal longrope dict; a `longrope` "
+                   "base (Phi-3.5) extends only with your own long_factor",
+                   fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
+                   rope_types=("default", "longrope")),
     "olmo2": Family("OLMo-2 1B/7B/13B", "q/k norm over all heads; norms after attention and MLP",
                     norms=("post_attention_layernorm", "post_feedforward_layernorm"), qk_norm="full"),
     "granite": Family("Granite 3.x", "embedding/residual/attention/logit multipliers"),
@@ -99,6 +104,19 @@ def check_s2(config) -> None:
     if getattr(config, "use_bidirectional_attention", False):
         raise ConfigError(f"attention.type: s2 needs causal attention; this {_model_type(config)!r} config has "
                           "use_bidirectional_attention: true")
+
+
+def carry_as_longrope(config, rope_type: str) -> bool:
+    """True when this model's config class cannot hold `rope_type` but holds `longrope` (Phi-3): write the longrope
+    dict with the same numbers instead (rope.as_longrope). ConfigError when it can hold neither."""
+    fam = of(config)
+    if fam.rope_types is None or rope_type in fam.rope_types:
+        return False
+    if rope_type == "dynamic" or "longrope" not in fam.rope_types:
+        raise ConfigError(f"rope.rope_type: {_model_type(config)!r} configs accept only rope types "
+                          f"{', '.join(fam.rope_types)} (transformers), so a {rope_type} model could not be loaded "
+                          "back; choose a static scheme (linear, ntk, yarn, llama3, longrope)")
+    return True
 
 
 def lora_targets(config, targets: Sequence[str] | str) -> list[str] | str:

@@ -97,7 +97,10 @@ def _apply_rope(base, rope: dict[str, Any], handle: Handle) -> None:
             config.original_max_position_embeddings = old_orig
 
     handle._undo.append(restore_config)
-    config.rope_parameters = rope_registry.with_scaled(config, rope_registry.to_rope_parameters(params))
+    written = rope_registry.to_rope_parameters(params)
+    if families.carry_as_longrope(config, written["rope_type"]):  # Phi3Config takes default and longrope only
+        written = rope_registry.as_longrope(params)
+    config.rope_parameters = rope_registry.with_scaled(config, written)
     config.max_position_embeddings = rope_registry.model_max_positions(params)
     if old_orig is not None:
         config.original_max_position_embeddings = params.original_max_position_embeddings

@@ -171,6 +171,20 @@ def to_rope_parameters(p: RopeParams) -> dict[str, Any]:
     return p.model_dump(exclude_none=True, exclude={"max_position_embeddings", "head_dim"})
 
 
+def as_longrope(p: RopeParams) -> dict[str, Any]:
+    """The same frequencies and attention factor as one `longrope` dict, for config classes that accept no other
+    scaled type (Phi3Config: default and longrope; it rewrites yarn into longrope). LongRoPE divides each pair's
+    frequency by its own factor, so any static scheme is one: factor_i = unscaled_i / scaled_i, the same list for
+    short and long (no switch at the original length), and the attention factor written out (else transformers
+    would recompute LongRoPE's own from `factor`)."""
+    inv, att = inv_freq(p)
+    factors = (_default_inv_freq(p.rope_theta, _rotary_dim(p)).double() / inv.double()).tolist()
+    d = {"rope_type": "longrope", "rope_theta": p.rope_theta, "factor": p.factor,
+         "original_max_position_embeddings": p.original_max_position_embeddings, "short_factor": factors,
+         "long_factor": factors, "attention_factor": att}
+    return d | ({"partial_rotary_factor": p.partial_rotary_factor} if p.partial_rotary_factor is not None else {})
+
+
 def model_max_positions(p: RopeParams) -> int:
     """`max_position_embeddings` for the model config. transformers' dynamic type reads that field as the
     *original* length (research/rope.md 1.2), so for dynamic it stays the original length."""

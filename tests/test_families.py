@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import longctx
 from longctx import families
@@ -163,3 +164,30 @@ def test_readme_table_lists_exactly_the_supported_families():
     section = readme.split("### Supported model families", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M)
     assert rows == list(FAMILIES)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0}, {"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0}])
+def test_phi3_writes_other_schemes_as_the_equal_longrope_dict(rope):
+    """Phi3Config accepts only default and longrope (it turns yarn into longrope). The longrope dict longctx writes
+    gives transformers' own numbers for the asked scheme: cos/sin of a Llama rotary built from the asked dict."""
+    model = tiny_model("phi3", dtype=torch.float32)
+    handle = longctx.apply(model, rope=rope)
+    rp = model.config.rope_parameters
+    assert rp["rope_type"] == "longrope" and rp["short_factor"] == rp["long_factor"]
+    want = LlamaRotaryEmbedding(LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8,
+                                            max_position_embeddings=256, rope_parameters={
+                                                **rope, "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+                                                "original_max_position_embeddings": 64}))
+    x = torch.zeros(1)
+    for n in (16, 200):  # within and beyond the original length: no short/long switch
+        pos = torch.arange(n)[None]
+        for a, b in zip(model.model.rotary_emb(x, pos), want(x, pos)):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    plain = AutoModelForCausalLM.from_config(Phi3Config.from_dict(model.config.to_dict()))  # validates, loads
+    for a, b in zip(plain.model.rotary_emb(x, pos), want(x, pos)):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    handle.remove()
+    with pytest.raises(longctx.ConfigError, match="'phi3' configs accept only rope types default, longrope"):
+        longctx.apply(model, rope={"rope_type": "dynamic", "factor": 2.0})
