@@ -22,7 +22,8 @@ Why each composition is the native scheme with the product factor (theta_i = bas
   s=32 (arXiv 2309.00071, section 4.1): YaRN with the larger factor over the original length.
 - longrope o longrope: LongRoPE's per-pair factors come from a search for one target length; no formula gives
   them for a longer one. Give your own `long_factor` (e.g. from a LongRoPE search); the short factors (used up to
-  L0) stay the native ones, so the base is unchanged within its original context.
+  L0) stay the native ones, and the attention factor is LongRoPE's sqrt(1 + ln F / ln L0) for the total F, as
+  transformers computes it from `factor`.
 Not composed, refused with the reason: a scheme other than the native one (e.g. linear on llama3 would divide
 the high-frequency pairs llama3 keeps, which no single llama3 dict expresses; ntk writes a new base under the
 default type and would drop the native scaling), a factor that does not go beyond the native one, a changed
