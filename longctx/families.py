@@ -1,7 +1,7 @@
 """The model families longctx supports: one entry per transformers `model_type`, the one place that says so.
 
     fam = families.of(model.config)             # ConfigError naming the model type when it is not supported
-    targets = families.lora_targets(model.config, ["q_proj", "k_proj", "v_proj", "o_proj"])   # phi3: qkv_proj, o_proj
+    targets = families.lora_targets("phi3", ["q_proj", "k_proj", "v_proj", "o_proj"])   # -> qkv_proj, o_proj
 
 Every family here is tested the same way on a tiny random config (tests/test_families.py): `apply`/`remove` gives
 bit-identical outputs afterwards, S² training equals the dense rule-mask reference, three LoRA + embed/norm training
@@ -119,13 +119,12 @@ def carry_as_longrope(config, rope_type: str) -> bool:
     return True
 
 
-def lora_targets(config, targets: Sequence[str] | str) -> list[str] | str:
+def lora_targets(model_type: str, targets: Sequence[str] | str) -> list[str] | str:
     """LoRA target names for this model: LongLoRA's q/k/v/o_proj (and gate/up_proj) mapped onto fused projections.
 
     Phi-3 computes q, k and v with one `qkv_proj`; LoRA on it adapts all three, so q_proj/k_proj/v_proj map to it
     only together (naming some of them is refused: it would adapt the others too).
     """
-    model_type = _model_type(config)
     if isinstance(targets, str) or model_type not in FAMILIES:  # `apply` refuses an unknown family by name
         return targets
     fam = FAMILIES[model_type]

@@ -114,7 +114,7 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     prepare_for_training(model, gradient_checkpointing)
     # LongLoRA's q/k/v/o_proj onto fused projections (Phi-3's qkv_proj); ValueError for a partial fused set
-    targets = families.lora_targets(model.config, target_modules)
+    targets = families.lora_targets(model.config.model_type, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)

@@ -138,15 +138,15 @@ def test_phi3_partial_rotary_and_top_level_original_length():
 
 
 def test_phi3_lora_targets_map_onto_fused_projections():
-    config = tiny_config("phi3")
-    assert families.lora_targets(config, ["q_proj", "k_proj", "v_proj", "o_proj"]) == ["qkv_proj", "o_proj"]
-    assert families.lora_targets(config, ["gate_proj", "up_proj", "down_proj"]) == ["gate_up_proj", "down_proj"]
-    assert families.lora_targets(config, "all-linear") == "all-linear"
+    assert families.lora_targets("phi3", ["q_proj", "k_proj", "v_proj", "o_proj"]) == ["qkv_proj", "o_proj"]
+    assert families.lora_targets("phi3", ["gate_proj", "up_proj", "down_proj"]) == ["gate_up_proj", "down_proj"]
+    assert families.lora_targets("phi3", "all-linear") == "all-linear"
     with pytest.raises(ValueError, match="q_proj, k_proj, v_proj in one fused qkv_proj.*not only q_proj, v_proj"):
-        families.lora_targets(config, ["q_proj", "v_proj"])
-    assert families.lora_targets(tiny_config("llama"), ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+        families.lora_targets("phi3", ["q_proj", "v_proj"])
+    assert families.lora_targets("llama", ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
     # what PEFT then adapts: the fused linears, every q/k/v/o weight of the layer
-    targets = families.lora_targets(config, list(LONGLORA_TARGETS))
+    config = tiny_config("phi3")
+    targets = families.lora_targets("phi3", list(LONGLORA_TARGETS))
     model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=2, target_modules=targets))
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"qkv_proj", "o_proj"}
