@@ -202,8 +202,11 @@ def problems(d: dict[str, Any] | None, prefix: str = "rope.") -> list[str]:
     if rt not in SCHEMES:
         return [f"{prefix}rope_type: unknown type {rt!r}; valid types: {', '.join(ROPE_TYPES)}"]
     # Fill what only the model can tell with placeholders so the type-specific checks can run now.
+    # A base that ships llama3/longrope scaling supplies its by-parts parameters (compose.py), so those are checked
+    # by resolve() once the model is known, not here.
     probe = {"rope_theta": 10000.0, "original_max_position_embeddings": 1, "max_position_embeddings": 1,
-             "head_dim": 2, **d}
+             "head_dim": 2, **{k: v for k, v in _FROM_NATIVE_BASE.items() if k in SCHEMES[rt].params.model_fields},
+             **d}
     out = _validation_problems(rt, probe, prefix)
     target, orig = d.get("max_position_embeddings"), d.get("original_max_position_embeddings")
     if target is not None and orig is not None and rt != "none" and target <= orig:
@@ -227,10 +230,11 @@ def _validation_problems(rt: str, d: dict[str, Any], prefix: str) -> list[str]:
 
 
 _INTERNAL = ("rope_type", "head_dim", "partial_rotary_factor")  # set by resolve() from the model, not by users
+_FROM_NATIVE_BASE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "short_factor": [1.0]}  # placeholders
 _HINTS = {
-    ("llama3", "low_freq_factor"): " (Llama-3.1 uses 1.0)",
-    ("llama3", "high_freq_factor"): " (Llama-3.1 uses 4.0)",
-    ("longrope", "short_factor"): " (one factor per rotary pair)",
+    ("llama3", "low_freq_factor"): " (Llama-3.1 uses 1.0; a base that ships llama3 scaling supplies it)",
+    ("llama3", "high_freq_factor"): " (Llama-3.1 uses 4.0; a base that ships llama3 scaling supplies it)",
+    ("longrope", "short_factor"): " (one factor per rotary pair; a base that ships longrope supplies it)",
     ("longrope", "long_factor"): " (one factor per rotary pair)",
 }
 
