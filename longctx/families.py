@@ -87,8 +87,8 @@ def of(config) -> Family:
     model_type = _model_type(config)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    hint = {"gemma3": "; load the text model alone (Gemma3ForCausalLM, model_type gemma3_text): S² must not reach "
-                      "the vision tower",
+    hint = {"gemma3": "; this is the multimodal Gemma-3 (S² must not reach its vision tower): save its language "
+                      "model as a Gemma3ForCausalLM (model type gemma3_text) directory and train that",
             "bloom": "; models without RoPE (ALiBi: bloom, mpt) cannot be extended by RoPE scaling",
             "mpt": "; models without RoPE (ALiBi: bloom, mpt) cannot be extended by RoPE scaling"}.get(model_type, "")
     raise ConfigError(f"model type {model_type!r} is not supported by longctx (supported: "
