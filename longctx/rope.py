@@ -7,7 +7,9 @@ bloc97: base' = base * alpha^(d/(d-2))) is ours and exports as the default type 
 
 `resolve()` turns a partial user dict plus the model config into complete parameters: `rope_theta` is always kept
 (research/rope.md 1.5 pitfall 1), `original_max_position_embeddings` is always explicit (pitfall 2) and the factor
-is a float, target / original, never a ceil (LongLoRA's integer factor turns 100k into 102,400).
+is a float, target / original, never a ceil (LongLoRA's integer factor turns 100k into 102,400). On a base that
+already ships a scaling it composes on it (compose.py); with RoPE per layer type (Gemma-3) it reads and writes the
+global layers' dict (`native_rope`, `with_scaled`).
 """
 
 from __future__ import annotations
