@@ -4,6 +4,9 @@ Rule, for one document of tokens 0..L-1 (counted from its own first real token),
   heads [0, H//2):  token i sees token j <= i iff i // G == j // G
   heads [H//2, H):  token i sees token j <= i iff (i + G/2) // G == (j + G/2) // G   (no wrap-around)
 Query head h reads kv head h // (H / H_kv), as transformers does, also when H//2 falls inside a kv group.
+A sliding-window layer (window W: token i sees j iff i - j < W, transformers' rule) gets the intersection of its S²
+group and its window, so training never lets a token see further back than the layer does at inference; where
+W >= G the window never binds inside a group and this is plain S².
 
 This only applies while the attention module is training; in eval mode the same function computes plain causal
 attention (transformers' SDPA path), which is how LongLoRA models are evaluated and served.
@@ -133,6 +136,10 @@ def s2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     if attention_mask is not None and not isinstance(attention_mask, S2Mask):
         raise ValueError("S2 attention needs the 2-D padding mask (attention_mask of shape [B, T]); it got a "
                          f"prepared {tuple(attention_mask.shape)} mask")
+    if kwargs.get("softcap") is not None:  # Gemma-2; longctx.families refuses it before a forward gets here
+        raise ValueError(f"S2 attention cannot soft-cap attention logits (softcap={kwargs['softcap']}); use full "
+                         "attention for this model")
+    window = kwargs.get("sliding_window")  # this layer's window (Gemma-3 sliding layers, Mistral v0.1), or None
     B, H, T, D = query.shape
     if key.shape[2] != T:
         raise ValueError(f"S2 attention trains without a KV cache (use_cache=False): {T} queries, "
@@ -141,11 +148,11 @@ def s2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     plan = _plan(attention_mask, kwargs, B, T, group, settings.shift, query.device)
     kernel = _varlen_kernel(query) if plan is not None else None
     if plan is None:
-        out = _uniform(query, key, value, group, settings.shift, scaling, dropout)
+        out = _uniform(query, key, value, group, settings.shift, scaling, dropout, window)
     elif kernel is not None:
-        out = _flash(query, key, value, plan, scaling, dropout, kernel)
+        out = _flash(query, key, value, plan, scaling, dropout, kernel, window)
     else:
-        out = _segments(query, key, value, plan, scaling, dropout)
+        out = _segments(query, key, value, plan, scaling, dropout, window)
     return out, None
 
 
@@ -203,12 +210,20 @@ def _expand_kv(k: torch.Tensor, H: int, heads: slice) -> torch.Tensor:
     return k.index_select(1, index)
 
 
-def _sdpa_causal(q, k, v, scale, dropout):
+def _sdpa_causal(q, k, v, scale, dropout, window=None):
+    """Causal SDPA over rows of consecutive tokens; with a window shorter than the row, also i - j < window (a
+    [L, L] band, the same for every row because a row's slots are its tokens' distances)."""
     gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=gqa)
+    L = q.shape[2]
+    if window is None or window >= L:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout,
+                                              enable_gqa=gqa)
+    i = torch.arange(L, device=q.device)
+    band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scale, dropout_p=dropout, enable_gqa=gqa)
 
 
-def _blocks(q, k, v, group, scale, dropout):
+def _blocks(q, k, v, group, scale, dropout, window=None):
     """Causal attention inside consecutive blocks of `group` tokens: [B, h, L, D] (L % group == 0) -> [B, L, h, D]."""
     B, h, L, D = q.shape
     n = L // group
@@ -216,7 +231,7 @@ def _blocks(q, k, v, group, scale, dropout):
     def split(x):  # [B, h, L, D] -> [B*n, h, G, D]; a view when x came from a [B, T, H, D] projection
         return x.transpose(1, 2).reshape(B * n, group, x.shape[1], D).transpose(1, 2)
 
-    o = _sdpa_causal(split(q), split(k), split(v), scale, dropout)
+    o = _sdpa_causal(split(q), split(k), split(v), scale, dropout, window)
     return o.transpose(1, 2).reshape(B, L, h, D)
 
 
@@ -233,26 +248,26 @@ def _split_halves(q, k, v, shift: bool):
     return list(zip(qs, ks, vs))
 
 
-def _uniform(q, k, v, group, shift, scale, dropout):
+def _uniform(q, k, v, group, shift, scale, dropout, window=None):
     """No padding, one document per row, T % G == 0: blocks are reshapes of the sequence axis."""
     B, H, T, D = q.shape
     outs = []
     for i, (qh, kh, vh) in enumerate(_split_halves(q, k, v, shift)):
         if i == 0:
-            outs.append(_blocks(qh, kh, vh, group, scale, dropout))
+            outs.append(_blocks(qh, kh, vh, group, scale, dropout, window))
             continue
         # Shifted half: [0, G/2), whole groups over [G/2, T - G/2), then [T - G/2, T); the two half groups run
         # together as a batch of two. No wrap-around: LongLoRA's roll let the first G/2 tokens see the last ones.
         g2 = group // 2
         head, mid, tail = zip(*(x.split([g2, T - group, g2], dim=2) for x in (qh, kh, vh)))
-        first, last = _sdpa_causal(*(torch.cat([a, b]) for a, b in zip(head, tail)), scale, dropout) \
+        first, last = _sdpa_causal(*(torch.cat([a, b]) for a, b in zip(head, tail)), scale, dropout, window) \
             .transpose(1, 2).split([B, B])
-        parts = [first, _blocks(*mid, group, scale, dropout), last] if T > group else [first, last]
+        parts = [first, _blocks(*mid, group, scale, dropout, window), last] if T > group else [first, last]
         outs.append(torch.cat(parts, dim=1))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
-def _segments(q, k, v, plan: _Plan, scale, dropout):
+def _segments(q, k, v, plan: _Plan, scale, dropout, window=None):
     """General CPU path: gather each segment into a row of width <= G, SDPA is_causal, scatter back.
 
     Segments start at row slot 0 and their padding comes after the real tokens, so causal masking alone keeps
@@ -272,7 +287,8 @@ def _segments(q, k, v, plan: _Plan, scale, dropout):
             rows[seg, slot] = x
             return rows.transpose(1, 2)
 
-        o = _sdpa_causal(gather(qh), gather(kh), gather(vh), scale, dropout).transpose(1, 2)  # [S, width, h, D]
+        o = _sdpa_causal(gather(qh), gather(kh), gather(vh), scale, dropout, window)
+        o = o.transpose(1, 2)  # [S, width, h, D]
         out = out.index_put((idx[:, None], torch.arange(heads.start, heads.stop, device=q.device)[None]),
                             o[seg, slot])
     return out.view(B, T, H, D)
@@ -292,7 +308,7 @@ def _varlen_kernel(query: torch.Tensor):
     return flash_attn_varlen_func
 
 
-def _flash(q, k, v, plan: _Plan, scale, dropout, flash_attn_varlen_func):
+def _flash(q, k, v, plan: _Plan, scale, dropout, flash_attn_varlen_func, window=None):
     """GPU path: flash-attn varlen over the same segments (per-document cu_seqlens, so no batch-wide boundary
     arithmetic: LongLoRA issues #148, #199, #182)."""
     B, H, T, D = q.shape
@@ -303,7 +319,8 @@ def _flash(q, k, v, plan: _Plan, scale, dropout, flash_attn_varlen_func):
     for (heads, _), (qh, kh, vh), (_, _, width, cu) in zip(_head_halves(H, k.shape[1], shift),
                                                           _split_halves(*flat, shift), plan.halves):
         o = flash_attn_varlen_func(qh.contiguous(), kh.contiguous(), vh.contiguous(), cu, cu,
-                                   width, width, dropout_p=dropout, softmax_scale=scale, causal=True)
+                                   width, width, dropout_p=dropout, softmax_scale=scale, causal=True,
+                                   window_size=(-1, -1) if window is None else (window - 1, 0))
         out = out.index_put((idx[:, None], torch.arange(heads.start, heads.stop, device=q.device)[None]), o)
     return out.view(B, T, H, D)
 

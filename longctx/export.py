@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from longctx import rundir
+from longctx import rope as rope_registry
 from longctx.config import ConfigError
 
 log = logging.getLogger("longctx")
@@ -89,7 +90,7 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
 
     model, tokenizer, _ = evaluate.load_for_eval(str(final), dtype="float32")
     device = next(model.parameters()).device
-    rope_params = dict(model.config.rope_parameters or {})
+    rope_params = rope_registry.native_rope(model.config)  # the global layers' dict when RoPE is per layer type
     original = int(rope_params.get("original_max_position_embeddings") or model.config.max_position_embeddings)
     n = verify_length(original, trained)
     positions = torch.tensor(verify_positions(n))
@@ -100,7 +101,8 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     finalize_config(model.config, trained, original)
-    model.set_attn_implementation("sdpa")
+    if model.config._attn_implementation not in STANDARD_ATTENTION:
+        model.set_attn_implementation("sdpa")
     model = model.to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
@@ -120,12 +122,12 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
 
 def finalize_config(config, trained: int, original: int) -> None:
     """rope_parameters with theta and the original length always set; max_position_embeddings = trained length."""
-    rp = dict(config.rope_parameters or {})
+    rp = dict(rope_registry.native_rope(config))  # per layer type (Gemma-3): the global layers' dict
     rp.setdefault("rope_type", "default")
     rp.setdefault("original_max_position_embeddings", original)
     if "rope_theta" not in rp and getattr(config, "rope_theta", None) is not None:
         rp["rope_theta"] = config.rope_theta
-    config.rope_parameters = rp
+    config.rope_parameters = rope_registry.with_scaled(config, rp)
     if rp["rope_type"] != "dynamic":  # dynamic: transformers reads max_position_embeddings as the original length
         config.max_position_embeddings = max(trained, original)
     config.use_cache = True

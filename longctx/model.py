@@ -23,7 +23,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from longctx import dist
+from longctx import dist, families
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LONGLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -41,8 +41,11 @@ def _split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | No
 
 def load_model(name_or_path: str, dtype: str = "float32", quantization: str | None = None,
                gguf_file: str | None = None, trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa") -> PreTrainedModel:
+               attn_implementation: str | None = None) -> PreTrainedModel:
     """A causal LM from a Hugging Face directory, a hub id, or a GGUF file (dequantized to `dtype`).
+
+    attn_implementation None: transformers' choice, SDPA wherever the model supports it (eager for Gemma-2, whose
+    attention soft-capping SDPA cannot do; longctx.families).
 
     quantization="4bit": bitsandbytes NF4 with double quantization, computing in `dtype` (QLoRA); `add_lora`
     then prepares it for k-bit training. bitsandbytes >= 0.45 also runs 4-bit on the CPU.
@@ -110,7 +113,8 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         # Checkpointing is enabled below, the same way as without quantization.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     prepare_for_training(model, gradient_checkpointing)
-    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    # LongLoRA's q/k/v/o_proj onto fused projections (Phi-3's qkv_proj); ValueError for a partial fused set
+    targets = families.lora_targets(model.config.model_type, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)

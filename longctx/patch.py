@@ -6,8 +6,10 @@
 Nothing here touches a transformers class. RoPE: `config.rope_parameters` and `max_position_embeddings` are set on
 the model's config and the rotary embedding module is rebuilt from it with the model's own rotary class, so the
 model computes what plain transformers computes from the exported config.json (a pure config change does nothing:
-inv_freq is a buffer built at init, research/rope.md 1.5 pitfall 4). Attention: S2 is registered with
-transformers' registries and selected with `set_attn_implementation`; its settings sit on each attention module.
+inv_freq is a buffer built at init, research/rope.md 1.5 pitfall 4). Per-layer-type RoPE (Gemma-3) is scaled on the
+global layers only, and a base that ships its own scaling is extended by composing on it (rope.py, compose.py).
+Attention: S2 is registered with transformers' registries and selected with `set_attn_implementation`; its settings
+sit on each attention module. Which model types work, and how, is `longctx.families.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,9 @@ from typing import Any
 import torch
 
 from longctx import attention as s2
+from longctx import families
 from longctx import rope as rope_registry
 from longctx.config import ConfigError
-
-# Families whose RoPE and attention layout longctx is tested on (tests/test_patch.py).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -65,12 +65,7 @@ def apply(model: torch.nn.Module, rope: dict[str, Any] | None = None,
           attention: dict[str, Any] | None = None) -> Handle:
     """Scale RoPE and/or select S2 attention on `model` (a transformers or PEFT model). Raises ConfigError."""
     base = _base(model)
-    config = base.config
-    model_type = getattr(config, "model_type", type(base).__name__)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model type {model_type!r} is not supported by longctx (supported: "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)}); models without RoPE (ALiBi: bloom, mpt) cannot be "
-                          "extended by RoPE scaling")
+    families.of(base.config)  # ConfigError for a model type longctx does not support
     handle = Handle(model, None, dict(attention or {"type": "full"}))
     try:
         if rope and rope.get("rope_type", "none") != "none":
@@ -93,22 +88,32 @@ def _apply_rope(base, rope: dict[str, Any], handle: Handle) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     old_rp, old_max = copy.deepcopy(config.rope_parameters), config.max_position_embeddings
+    # Phi-3 keeps its pretrained length at the top level too, and transformers prefers that one when it loads.
+    old_orig = getattr(config, "original_max_position_embeddings", None)
 
     def restore_config():
         config.rope_parameters, config.max_position_embeddings = old_rp, old_max
+        if old_orig is not None:
+            config.original_max_position_embeddings = old_orig
 
     handle._undo.append(restore_config)
-    config.rope_parameters = rope_registry.to_rope_parameters(params)
+    written = rope_registry.to_rope_parameters(params)
+    if families.carry_as_longrope(config, written["rope_type"]):  # Phi3Config takes default and longrope only
+        written = rope_registry.as_longrope(params)
+    config.rope_parameters = rope_registry.with_scaled(config, written)
     config.max_position_embeddings = rope_registry.model_max_positions(params)
+    if old_orig is not None:
+        config.original_max_position_embeddings = params.original_max_position_embeddings
     for parent, name, old in rotaries:
         new = type(old)(config=config)
-        new.to(old.inv_freq.device)
+        new.to(next(old.buffers()).device)  # inv_freq, or one per layer type (Gemma-3)
         setattr(parent, name, new)
         handle._undo.append(lambda parent=parent, name=name, old=old: setattr(parent, name, old))
     handle.rope = params
 
 
 def _apply_s2(base, attention: dict[str, Any], handle: Handle) -> None:
+    families.check_s2(base.config)
     settings = s2.S2Settings(**{k: v for k, v in attention.items() if k != "type"})
     modules = _attention_modules(base)
     if not modules:

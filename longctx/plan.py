@@ -19,9 +19,13 @@ gradients). `Estimate.total` adds the larger phase to the persistent parts.
 tests/test_plan.py checks the formulas against references on the CPU: parameter counts of transformers and PEFT,
 the tensors autograd keeps for backward, and torch's memory timeline of whole training steps.
 
+The model's parameters follow its family's layout (longctx.families: norms per layer, q/k norms, fused
+projections such as Phi-3's qkv_proj); a model type longctx does not support is refused with its name.
+
 Not modelled: evaluation during training (no gradients; smaller than a training step at the same length), the
-CUDA caching allocator's fragmentation, Liger's own chunking on CUDA, and model families other than the Llama
-layout (Llama, Mistral, Qwen2, Qwen3, SmolLM).
+CUDA caching allocator's fragmentation, Liger's own chunking on CUDA, and the activations of what other families
+add to the Llama layer (q/k norms, Gemma's extra norms are counted; Granite's multipliers, OLMo-2's full-width q/k
+norms and soft-capping are not): their activations are estimated as a Llama layer of the same shape.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longctx import families
 from longctx.config import Config, ConfigError, group_size
 
 log = logging.getLogger("longctx")
@@ -78,8 +83,10 @@ ATTENTION = "attention"
 LOSS = "logits + loss"
 RUNTIME = "runtime"
 
-ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")  # LongLoRA's LoRA targets
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj")  # the linears reading the attention's input
+MLP_INPUTS = ("gate_proj", "up_proj", "gate_up_proj")
+MLP_LINEARS = MLP_INPUTS + ("down_proj",)
 ATTENTIONS = ("s2", "sdpa", "flash", "eager")
 
 
@@ -114,33 +121,43 @@ class Shape:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    qk_norm: bool
+    qk_norm: str | None = None  # "head": q/k norm weights of head_dim (Qwen3, Gemma-3); "full": of q/kv width (OLMo-2)
+    norms: tuple[str, ...] = families.LLAMA_NORMS  # norm weights of one decoder layer
+    fused: tuple[str, ...] = ()  # fused projections (Phi-3: qkv_proj, gate_up_proj)
+    model_type: str = "llama"
 
     @classmethod
     def of(cls, config) -> "Shape":
-        """From a transformers config (or anything with the same attribute names)."""
+        """From a transformers config of a family longctx supports (ConfigError naming any other model type)."""
+        fam = families.of(config)
         c = config.get_text_config() if hasattr(config, "get_text_config") else config
-        model_type = getattr(c, "model_type", "")
         heads = c.num_attention_heads
         attention_bias = bool(getattr(c, "attention_bias", False))
         return cls(hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers, heads=heads,
                    kv_heads=getattr(c, "num_key_value_heads", None) or heads,
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab=c.vocab_size,
-                   tied=bool(getattr(c, "tie_word_embeddings", False)),
-                   qkv_bias=attention_bias or model_type == "qwen2",  # Qwen2 always has q/k/v biases
-                   o_bias=attention_bias, mlp_bias=bool(getattr(c, "mlp_bias", False)),
-                   qk_norm=model_type == "qwen3")  # Qwen3 normalises q and k per head
+                   tied=bool(getattr(c, "tie_word_embeddings", False)), qkv_bias=attention_bias or fam.qkv_bias,
+                   o_bias=attention_bias, mlp_bias=bool(getattr(c, "mlp_bias", False)), qk_norm=fam.qk_norm,
+                   norms=fam.norms, fused=tuple(fam.fused), model_type=config.model_type)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of a decoder layer; k/v are narrower under GQA."""
         H, I, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
-                "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+        attention = ({"qkv_proj": (H, q + 2 * kv)} if "qkv_proj" in self.fused
+                     else {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv)})
+        mlp = {"gate_up_proj": (H, 2 * I)} if "gate_up_proj" in self.fused else {"gate_proj": (H, I), "up_proj": (H, I)}
+        return {**attention, "o_proj": (q, H), **mlp, "down_proj": (I, H)}
 
     def has_bias(self, linear: str) -> bool:
         if linear in MLP_LINEARS:
             return self.mlp_bias
         return self.o_bias if linear == "o_proj" else self.qkv_bias
+
+    def qk_norm_widths(self) -> tuple[int, int]:
+        """Weights of the q and k norms of one layer (0, 0 without)."""
+        if self.qk_norm == "full":
+            return self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return (self.head_dim, self.head_dim) if self.qk_norm else (0, 0)
 
 
 def parameter_counts(shape: Shape) -> dict[str, int]:
@@ -149,13 +166,15 @@ def parameter_counts(shape: Shape) -> dict[str, int]:
     for i in range(shape.layers):
         prefix = f"model.layers.{i}."
         for name, (n_in, n_out) in shape.linears().items():
-            module = prefix + ("self_attn." if name in ATTENTION_LINEARS else "mlp.") + name
+            module = prefix + ("mlp." if name in MLP_LINEARS else "self_attn.") + name
             out[module + ".weight"] = n_in * n_out
             if shape.has_bias(name):
                 out[module + ".bias"] = n_out
         if shape.qk_norm:
-            out[prefix + "self_attn.q_norm.weight"] = out[prefix + "self_attn.k_norm.weight"] = shape.head_dim
-        out[prefix + "input_layernorm.weight"] = out[prefix + "post_attention_layernorm.weight"] = shape.hidden
+            q, k = shape.qk_norm_widths()
+            out[prefix + "self_attn.q_norm.weight"], out[prefix + "self_attn.k_norm.weight"] = q, k
+        for norm in shape.norms:
+            out[prefix + norm + ".weight"] = shape.hidden
     out["model.norm.weight"] = shape.hidden
     if not shape.tied:
         out["lm_head.weight"] = shape.vocab * shape.hidden
@@ -163,9 +182,10 @@ def parameter_counts(shape: Shape) -> dict[str, int]:
 
 
 def lora_modules(shape: Shape, targets: Sequence[str] | str) -> tuple[str, ...]:
-    """The adapted linears of each layer; 'all-linear' adapts every decoder linear (PEFT's rule: not the head)."""
+    """The adapted linears of each layer; 'all-linear' adapts every decoder linear (PEFT's rule: not the head).
+    LongLoRA's names map onto fused projections as `add_lora` maps them (families.lora_targets)."""
     linears = shape.linears()
-    names = tuple(linears) if targets == "all-linear" else tuple(targets)
+    names = tuple(linears) if targets == "all-linear" else tuple(families.lora_targets(shape.model_type, targets))
     unknown = [t for t in names if t not in linears]
     if unknown:
         raise ValueError(f"LoRA target(s) {', '.join(unknown)} are not linear layers of this model "
@@ -277,19 +297,25 @@ def _layer_bytes_per_token(shape: Shape, b: _Bytes, adapted: Sequence[str], trai
     """Bytes one decoder layer keeps for its backward per token, besides the attention kernel's own state."""
     H, I, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
     prefix = "model.layers.0."
-    norms_trained = prefix + "input_layernorm.weight" in trained
+    norms_trained = prefix + shape.norms[0] + ".weight" in trained
+    linears = shape.linears()
 
-    def readers(*linears):
-        scope = "self_attn." if linears[0] in ATTENTION_LINEARS else "mlp."
-        return (sum(prefix + scope + name + ".weight" in trained for name in linears),
-                sum(name in adapted for name in linears))
+    def readers(names):
+        names = [n for n in names if n in linears]
+        scope = "mlp." if names[0] in MLP_LINEARS else "self_attn."
+        return (sum(prefix + scope + name + ".weight" in trained for name in names),
+                sum(name in adapted for name in names))
 
-    # Each RMSNorm keeps its input in float32 and, when its weight trains, its normalised input.
-    norms = 2 * (4 * H + (b.stream * H if norms_trained else 0))
-    inputs = (_kept_input(H, b.stream, *readers("q_proj", "k_proj", "v_proj"), b)
-              + _kept_input(q, b.attention, *readers("o_proj"), b)  # the attention output
-              + _kept_input(H, b.stream, *readers("gate_proj", "up_proj"), b)
-              + _kept_input(I, b.matmul, *readers("down_proj"), b))  # silu(gate) * up
+    # Each RMSNorm keeps its input in float32 and, when its weight trains, its normalised input; q/k norms (Qwen3,
+    # Gemma-3 per head, OLMo-2 over all heads) do the same over the q and k widths.
+    norms = len(shape.norms) * H * (4 + (b.stream if norms_trained else 0))
+    if shape.qk_norm:
+        qk_trained = prefix + "self_attn.q_norm.weight" in trained
+        norms += (q + shape.kv_heads * shape.head_dim) * (4 + (b.stream if qk_trained else 0))
+    inputs = (_kept_input(H, b.stream, *readers(ATTENTION_INPUTS), b)
+              + _kept_input(q, b.attention, *readers(["o_proj"]), b)  # the attention output
+              + _kept_input(H, b.stream, *readers(MLP_INPUTS), b)
+              + _kept_input(I, b.matmul, *readers(["down_proj"]), b))  # act(gate) * up
     lora_hidden = len(adapted) * lora_r * (b.autocast or b.lora)  # lora_A's output, kept by lora_B
     mlp = 3 * I * b.matmul  # gate (for silu), silu(gate) and up (for their product)
     return norms + inputs + lora_hidden + mlp
@@ -310,6 +336,8 @@ def _attention_bytes_per_token(shape: Shape, b: _Bytes, seq_len: int, attention:
         # copied out per query head (attention._head_halves / _expand_kv).
         kv = q
     linear = (2 * q + 2 * kv) * b.attention + shape.heads * 4
+    if "qkv_proj" in shape.fused:  # Phi-3: v is a view of the fused q/k/v output, which it keeps alive whole
+        linear += (q + kv) * b.attention
     if attention == "eager":
         return linear + shape.heads * seq_len * (4 + b.attention)
     return linear
@@ -491,7 +519,8 @@ def estimate_config(cfg: Config, world_size: int = 1, device: str = "cuda") -> E
             model_config, seq_len=t.seq_len, batch_size=t.per_device_train_batch_size, lora=cfg.lora.enabled,
             lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules, trainable_params=cfg.lora.trainable_params,
             quantization=m.quantization, dtype=m.dtype, mixed_precision=mixed,
-            gradient_checkpointing=t.gradient_checkpointing, attention="s2" if s2 else "sdpa",  # as load_model
+            gradient_checkpointing=t.gradient_checkpointing,
+            attention="s2" if s2 else families.of(model_config).attn_implementation,  # as load_model: Gemma-2 eager
             group_size=group_size(t.seq_len, a.group_size_ratio, a.group_size) if s2 else None,
             chunked_loss=t.chunked_loss, loss_chunk_size=t.loss_chunk_size, zero_stage=stage, world_size=world_size,
             offload=offload, reduce_bucket_size=bucket, device=device)

@@ -7,17 +7,21 @@ bloc97: base' = base * alpha^(d/(d-2))) is ours and exports as the default type 
 
 `resolve()` turns a partial user dict plus the model config into complete parameters: `rope_theta` is always kept
 (research/rope.md 1.5 pitfall 1), `original_max_position_embeddings` is always explicit (pitfall 2) and the factor
-is a float, target / original, never a ceil (LongLoRA's integer factor turns 100k into 102,400).
+is a float, target / original, never a ceil (LongLoRA's integer factor turns 100k into 102,400). On a base that
+already ships a scaling it composes on it (compose.py); with RoPE per layer type (Gemma-3) it reads and writes the
+global layers' dict (`native_rope`, `with_scaled`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from longctx import compose
 from longctx.errors import validation_messages
 
 
@@ -169,6 +173,20 @@ def to_rope_parameters(p: RopeParams) -> dict[str, Any]:
     return p.model_dump(exclude_none=True, exclude={"max_position_embeddings", "head_dim"})
 
 
+def as_longrope(p: RopeParams) -> dict[str, Any]:
+    """The same frequencies and attention factor as one `longrope` dict, for config classes that accept no other
+    scaled type (Phi3Config: default and longrope; it rewrites yarn into longrope). LongRoPE divides each pair's
+    frequency by its own factor, so any static scheme is one: factor_i = unscaled_i / scaled_i, the same list for
+    short and long (no switch at the original length), and the attention factor written out (else transformers
+    would recompute LongRoPE's own from `factor`)."""
+    inv, att = inv_freq(p)
+    factors = (_default_inv_freq(p.rope_theta, _rotary_dim(p)).double() / inv.double()).tolist()
+    d = {"rope_type": "longrope", "rope_theta": p.rope_theta, "factor": p.factor,
+         "original_max_position_embeddings": p.original_max_position_embeddings, "short_factor": factors,
+         "long_factor": factors, "attention_factor": att}
+    return d | ({"partial_rotary_factor": p.partial_rotary_factor} if p.partial_rotary_factor is not None else {})
+
+
 def model_max_positions(p: RopeParams) -> int:
     """`max_position_embeddings` for the model config. transformers' dynamic type reads that field as the
     *original* length (research/rope.md 1.2), so for dynamic it stays the original length."""
@@ -186,8 +204,11 @@ def problems(d: dict[str, Any] | None, prefix: str = "rope.") -> list[str]:
     if rt not in SCHEMES:
         return [f"{prefix}rope_type: unknown type {rt!r}; valid types: {', '.join(ROPE_TYPES)}"]
     # Fill what only the model can tell with placeholders so the type-specific checks can run now.
+    # A base that ships llama3/longrope scaling supplies its by-parts parameters (compose.py), so those are checked
+    # by resolve() once the model is known, not here.
     probe = {"rope_theta": 10000.0, "original_max_position_embeddings": 1, "max_position_embeddings": 1,
-             "head_dim": 2, **d}
+             "head_dim": 2, **{k: v for k, v in _FROM_NATIVE_BASE.items() if k in SCHEMES[rt].params.model_fields},
+             **d}
     out = _validation_problems(rt, probe, prefix)
     target, orig = d.get("max_position_embeddings"), d.get("original_max_position_embeddings")
     if target is not None and orig is not None and rt != "none" and target <= orig:
@@ -211,24 +232,59 @@ def _validation_problems(rt: str, d: dict[str, Any], prefix: str) -> list[str]:
 
 
 _INTERNAL = ("rope_type", "head_dim", "partial_rotary_factor")  # set by resolve() from the model, not by users
+_FROM_NATIVE_BASE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "short_factor": [1.0]}  # placeholders
 _HINTS = {
-    ("llama3", "low_freq_factor"): " (Llama-3.1 uses 1.0)",
-    ("llama3", "high_freq_factor"): " (Llama-3.1 uses 4.0)",
-    ("longrope", "short_factor"): " (one factor per rotary pair)",
+    ("llama3", "low_freq_factor"): " (Llama-3.1 uses 1.0; a base that ships llama3 scaling supplies it)",
+    ("llama3", "high_freq_factor"): " (Llama-3.1 uses 4.0; a base that ships llama3 scaling supplies it)",
+    ("longrope", "short_factor"): " (one factor per rotary pair; a base that ships longrope supplies it)",
     ("longrope", "long_factor"): " (one factor per rotary pair)",
 }
 
 
+# Per-layer-type RoPE (Gemma-3): `rope_parameters` holds one dict per layer type. Only the global layers' dict is
+# scaled: sliding layers attend at most `sliding_window` tokens back, so they never meet a distance beyond their
+# pretrained range (Gemma-3 itself scales only its global layers, with a local base on the sliding ones).
+SCALED_LAYER_TYPE = "full_attention"
+
+
+def scaled_key(config) -> str | None:
+    """None when `rope_parameters` is one dict; SCALED_LAYER_TYPE when it is nested per layer type."""
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict):
+        return None
+    nested = [k for k in rp if k in (getattr(config, "layer_types", None) or ())]
+    if not nested:
+        return None
+    if rp.get(SCALED_LAYER_TYPE) is None:
+        raise ValueError(f"model type {getattr(config, 'model_type', '?')!r} has RoPE per layer type "
+                         f"({', '.join(nested)}) but none for {SCALED_LAYER_TYPE!r} layers, the ones longctx scales")
+    return SCALED_LAYER_TYPE
+
+
+def native_rope(config) -> dict[str, Any]:
+    """The rope_parameters dict longctx scales: the whole one, or the global layers' one when nested."""
+    key = scaled_key(config)
+    rp = getattr(config, "rope_parameters", None)
+    return (rp if key is None else rp[key]) if isinstance(rp, dict) else {}
+
+
+def with_scaled(config, params: dict[str, Any]) -> dict[str, Any]:
+    """The model's whole `rope_parameters` with the scaled dict replaced by `params` (other layer types as they are)."""
+    key = scaled_key(config)
+    return dict(params) if key is None else {**copy.deepcopy(config.rope_parameters), key: dict(params)}
+
+
 def model_rope_defaults(config) -> dict[str, Any]:
     """What a model config says about its RoPE today: theta, original length, partial rotary factor."""
-    rp = getattr(config, "rope_parameters", None)
-    if not isinstance(rp, dict) or "rope_theta" not in rp:
+    rp = native_rope(config)
+    if "rope_theta" not in rp:
         raise ValueError(f"model type {getattr(config, 'model_type', '?')!r} has no RoPE parameters "
                          "(config.rope_parameters); longctx scales RoPE models only (ALiBi models such as bloom "
                          "or mpt are not supported)")
-    return {"rope_theta": rp["rope_theta"],
-            "original_max_position_embeddings": rp.get("original_max_position_embeddings")
-            or config.max_position_embeddings,
+    # Phi-3 keeps its pretrained length outside rope_parameters, and transformers prefers it there.
+    original = (rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+                or config.max_position_embeddings)
+    return {"rope_theta": rp["rope_theta"], "original_max_position_embeddings": original,
             "partial_rotary_factor": rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))}
 
 
@@ -238,6 +294,9 @@ def resolve(d: dict[str, Any], model_config) -> RopeParams:
     if rt not in SCHEMES:
         raise ValueError(f"rope.rope_type: unknown type {rt!r}; valid types: {', '.join(ROPE_TYPES)}")
     full = {k: v for k, v in d.items() if v is not None}
+    native = native_rope(model_config)
+    if rt != "none" and compose.is_scaled(native):  # never silently replace a native scaling (compose.py)
+        full = compose.on_native(full, native, model_config.max_position_embeddings)
     for k, v in model_rope_defaults(model_config).items():
         if v is not None:
             full.setdefault(k, v)

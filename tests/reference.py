@@ -3,22 +3,53 @@
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+
+# What a tiny random config of each family needs beyond the shared shape, to exercise what makes the family
+# different: Gemma-2/3 alternate sliding and global layers (a window of 6 tokens, shorter than the tests' S² groups
+# of 8); Granite's multipliers away from 1; SmolLM3's second layer without RoPE; Phi-3's partial rotary and its
+# top-level original length.
+FAMILY_EXTRA = {
+    "gemma2": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=6, query_pre_attn_scalar=8),
+    "gemma3_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=6,
+                        query_pre_attn_scalar=8),
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0),
+    "smollm3": dict(no_rope_layers=[1, 0]),
+    "phi3": dict(partial_rotary_factor=0.75),  # Phi-4-mini rotates 3/4 of each head
+}
+
+
+def tiny_config(family: str = "llama", heads: int = 4, kv_heads: int = 2, head_dim: int = 8, layers: int = 2,
+                max_pos: int = 64, vocab: int = 97, **extra):
+    """A tiny config of a transformers model type (longctx.families.FAMILIES keys), token ids inside the vocab."""
+    kw = dict(FAMILY_EXTRA.get(family, {}))
+    if family == "phi3":
+        kw["original_max_position_embeddings"] = max_pos
+    if "layer_types" in kw and layers != 2:
+        kw["layer_types"] = (["sliding_attention"] * (layers - 1) + ["full_attention"])
+    kw.update(extra)
+    return AutoConfig.for_model(family, hidden_size=heads * head_dim, num_attention_heads=heads,
+                                num_key_value_heads=kv_heads, head_dim=head_dim, num_hidden_layers=layers,
+                                intermediate_size=4 * heads * head_dim, vocab_size=vocab,
+                                max_position_embeddings=max_pos, attention_dropout=0.0, pad_token_id=0,
+                                bos_token_id=1, eos_token_id=2, **kw)
 
 
 def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, head_dim: int = 8, layers: int = 2,
                max_pos: int = 64, dtype=torch.float64, seed: int = 0, **extra):
     """A random tiny causal LM of the given family (float64 by default, for reference comparisons)."""
-    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
-    cfg = cls[0](hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                 head_dim=head_dim, num_hidden_layers=layers, intermediate_size=4 * heads * head_dim, vocab_size=97,
-                 max_position_embeddings=max_pos, attention_dropout=0.0, **extra)
+    cfg = tiny_config(family, heads, kv_heads, head_dim, layers, max_pos, **extra)
     torch.manual_seed(seed)
-    model = cls[1](cfg).to(dtype)
-    model.set_attn_implementation("sdpa")
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    if model.config._attn_implementation != "eager":  # Gemma-2 soft-caps its logits: eager only
+        model.set_attn_implementation("sdpa")
     return model
+
+
+def window_mask(T: int, window: int) -> torch.Tensor:
+    """[T, T] bool: a sliding-window layer lets query i see key j iff i - j < window (transformers' rule)."""
+    i = torch.arange(T)
+    return (i[:, None] - i[None, :]) < window
 
 
 def s2_rule_mask(docs: list[list[tuple[int, int]]], T: int, group: int, heads: int, shift: bool = True):
@@ -49,8 +80,8 @@ def causal_doc_mask(docs: list[list[tuple[int, int]]], T: int, heads: int):
 def dense_reference_attention(mask: torch.Tensor):
     """An attention function computing softmax(QK^T) V densely under a given per-head boolean mask [B, H, T, T].
 
-    Query head h reads kv head h // (H / H_kv). Rows with no visible key (padding) attend to themselves only, so
-    they stay finite; their outputs are never compared.
+    Query head h reads kv head h // (H / H_kv). A layer called with a sliding window also applies `window_mask`.
+    Rows with no visible key (padding) attend to themselves only, so they stay finite; they are never compared.
     """
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -58,7 +89,10 @@ def dense_reference_attention(mask: torch.Tensor):
         k = key.repeat_interleave(rep, dim=1)
         v = value.repeat_interleave(rep, dim=1)
         T = query.shape[2]
-        m = mask.to(query.device) | torch.eye(T, dtype=torch.bool, device=query.device)
+        m = mask.to(query.device)
+        if kwargs.get("sliding_window") is not None:
+            m = m & window_mask(T, kwargs["sliding_window"]).to(query.device)
+        m = m | torch.eye(T, dtype=torch.bool, device=query.device)
         scores = (query @ k.transpose(-1, -2)) * scaling
         probs = scores.masked_fill(~m, float("-inf")).softmax(-1)
         return (probs @ v).transpose(1, 2), None

@@ -26,12 +26,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         assert cu.dtype == torch.int32 and cu.dim() == 1 and int(cu[0]) == 0 and int(cu[-1]) == x.shape[0]
         assert int((cu[1:] - cu[:-1]).max()) <= mx, "max_seqlen below the longest sequence"
     assert torch.equal(cu_seqlens_q, cu_seqlens_k), "the stand-in covers self-attention (q and k segments equal)"
-    assert window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None and block_table is None
+    left, right = window_size  # flash-attn: query i sees keys [i - left, i + right]; -1 = unbounded
+    assert right in (-1, 0) and (right == 0) == (left != -1) and causal, "the stand-in covers causal (+ left window)"
+    assert softcap == 0.0 and alibi_slopes is None and block_table is None
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     for s, e in zip(bounds, bounds[1:]):
         qs, ks, vs = (x[s:e].transpose(0, 1)[None].float() for x in (q, k, v))  # [1, h, len, D]
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=softmax_scale, dropout_p=dropout_p,
+        i = torch.arange(e - s)
+        mask = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] <= left) if left >= 0 else True)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=softmax_scale, dropout_p=dropout_p,
                                            enable_gqa=qs.shape[1] != ks.shape[1])
         out[s:e] = o[0].transpose(0, 1).to(q.dtype)
     return out

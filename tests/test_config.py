@@ -18,9 +18,7 @@ BAD = [
     (["train.lerning_rate=1e-4"], ["did you mean train.learning_rate?"]),
     (["rope.rope_type=yarnn"], ["rope.rope_type: unknown type 'yarnn'", "valid types: none, linear, ntk, dynamic, yarn"]),
     (["rope.rope_type=yarn", "rope.factor=0.5"], ["rope.factor: factor must be >= 1", "got 0.5"]),
-    (["rope.rope_type=llama3"], ["rope.low_freq_factor: required for rope_type 'llama3'",
-                                 "rope.high_freq_factor: required"]),
-    (["rope.rope_type=longrope"], ["rope.short_factor: required for rope_type 'longrope'", "rope.long_factor"]),
+    (["rope.rope_type=longrope"], ["rope.long_factor: required for rope_type 'longrope'"]),
     (["rope.rope_type=yarn", "rope.alpha=3"], ["rope.alpha: not a parameter of rope_type 'yarn'", "beta_fast"]),
     (["rope.rope_type=yarn", "rope.original_max_position_embeddings=2048"],
      ["target length 1024", "must be above the original length 2048"]),
@@ -51,6 +49,17 @@ def test_bad_config_message(overrides, expected):
     for part in expected:
         assert part in msg, f"{part!r} not in:\n{msg}"
     assert "Traceback" not in msg
+
+
+def test_by_parts_parameters_a_native_base_supplies_are_checked_once_the_model_is_known():
+    """llama3's low/high_freq_factor and longrope's short_factor come from a base that ships that scaling
+    (compose.py); on any other base `apply` names them (train exits 2 with the message)."""
+    from reference import tiny_model
+
+    cfg = load_config(data=BASE, overrides=["rope.rope_type=llama3"])  # fine for Llama-3.1
+    with pytest.raises(ConfigError, match="rope.low_freq_factor: required for rope_type 'llama3' "
+                                          r"\(Llama-3.1 uses 1.0; a base that ships llama3 scaling supplies it\)"):
+        longctx.apply(tiny_model(), rope=cfg.rope_dict())
 
 
 def test_missing_required_keys_are_named():

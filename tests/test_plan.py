@@ -16,7 +16,9 @@ from longctx import plan
 from longctx import trainer as trainer_lib
 from longctx.cli import main
 from longctx.config import load_config
+from longctx.families import FAMILIES
 from longctx.model import add_lora
+from reference import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
@@ -262,6 +264,17 @@ def training_model(config, dtype: str, targets, extras, checkpointing: bool = Fa
     (MEASURED_9_3, "float32", ("q_proj", "k_proj", "v_proj", "o_proj"), ("embed", "norm"), None),
 ], ids=["fp32-lora", "bf16-all-linear", "bf16-autocast", "full-ft-autocast", "fp32-lora-9-over-3-heads"])
 def test_saved_activations_equal_what_autograd_keeps(config, dtype, targets, extras, mixed):
+    assert_activations_match(config, dtype, targets, extras, mixed)
+
+
+@pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items() if fam.s2_refused is None])
+def test_every_family_saved_activations_equal_what_autograd_keeps(family):
+    """Gemma-3 runs its sliding layers (window 6) inside S² groups; Phi-3's v keeps the fused qkv output alive."""
+    config = tiny_config(family, heads=4, kv_heads=2, head_dim=32, vocab=2000)
+    assert_activations_match(config, "float32", ("q_proj", "k_proj", "v_proj", "o_proj"), ("embed", "norm"), None)
+
+
+def assert_activations_match(config, dtype, targets, extras, mixed):
     n = 512
     model = training_model(config, dtype, targets, extras)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -278,7 +291,7 @@ def test_saved_activations_equal_what_autograd_keeps(config, dtype, targets, ext
         layer.register_forward_pre_hook(lambda *_: hooks.__enter__())
         layer.register_forward_hook(lambda *_: hooks.__exit__(None, None, None))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed is not None):
-        model(input_ids=torch.randint(0, config.vocab_size, (1, n)))
+        model(input_ids=torch.randint(3, config.vocab_size, (1, n)))
     e = plan.estimate(config, seq_len=n, lora=targets is not None, lora_targets=targets or (),
                       trainable_params=extras, dtype=dtype, mixed_precision=mixed, gradient_checkpointing=False,
                       device="cpu")
@@ -317,3 +330,29 @@ def test_peak_equals_torch_memory_timeline_of_a_training_step(vocab, checkpointi
     e = plan.estimate(config, seq_len=n, gradient_checkpointing=checkpointing, chunked_loss=chunked,
                       loss_chunk_size=512, device="cpu")
     assert e.total - e.parts[plan.RUNTIME] == pytest.approx(max(sum(s) for s in sizes), rel=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every supported family (longctx.families): its parameter layout, and a clear refusal for the others
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_parameter_count_equals_transformers(family):
+    config = tiny_config(family, vocab=100)
+    model = AutoModelForCausalLM.from_config(config)
+    counts = plan.parameter_counts(plan.Shape.of(config))
+    assert counts == {n: p.numel() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), "all-linear"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_trainable_count_equals_peft(family, targets):
+    config = tiny_config(family, vocab=100)
+    model = add_lora(AutoModelForCausalLM.from_config(config), r=4, target_modules=targets,
+                     trainable_params=("embed", "norm"), gradient_checkpointing=False)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert plan.trainable_parameter_count(config, lora_r=4, lora_targets=targets) == trainable
+
+
+def test_planner_refuses_an_unsupported_family_by_name():
+    with pytest.raises(longctx.ConfigError, match="model type 'cohere2' is not supported"):
+        plan.estimate(tiny_config("cohere2"), seq_len=128)
