@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from longctx import data
-from longctx.data import DataError, build_pretrain_dataset, build_sft_dataset, collate, load_texts
+from longctx.data import DataError, build_pretrain_dataset, collate, load_texts, workers
 
 EOS, PAD, BOS, INST, END_INST = 0, 1, 2, 4, 5
 
@@ -24,11 +24,13 @@ def w(i: int) -> int:
 
 @pytest.fixture(scope="module")
 def tok():
-    """Word-level tokenizer: ``w{i}`` -> i + 6, whitespace split, BOS added as a special token."""
+    """Word-level tokenizer: ``w{i}`` -> i + 6, whitespace split, BOS added as a special token (tests/test_sft.py
+    uses it too)."""
     words = ["<eos>", "<pad>", "<s>", "<unk>", "[INST]", "[/INST]"] + [f"w{i}" for i in range(1000)]
     t = Tokenizer(models.WordLevel({x: i for i, x in enumerate(words)}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    t.add_special_tokens(["[INST]", "[/INST]"])  # split out of glued text, as a real tokenizer's added tokens
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>")
 
@@ -39,6 +41,11 @@ def write_docs(folder: Path, docs: list[list[int]]) -> Path:
     for k, doc in enumerate(docs):
         (folder / f"doc{k:03d}.txt").write_text(" ".join(f"w{i}" for i in doc))
     return folder
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def rows(ds, key="input_ids"):
@@ -150,39 +157,7 @@ def test_document_aware_attention_isolation(tmp_path, tok):
     assert (leaky[8:18] - packed[8:18]).abs().max() > 1e-3
 
 
-# ------------------------------------------------------------------------------------------------------ SFT
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def test_sft_masks_prompt_and_appends_eos(tmp_path, tok):
-    f = write_jsonl(tmp_path / "sft.jsonl", [
-        {"instruction": "w1 w2", "input": "", "output": "w3 w4"},
-        {"instruction": "w5", "input": "w6 w7", "output": "w8"},
-    ])
-    ds = build_sft_dataset(str(f), tok, seq_len=16)
-    assert rows(ds) == [[BOS, INST, w(1), w(2), END_INST, w(3), w(4), EOS],
-                        [BOS, INST, w(5), w(6), w(7), END_INST, w(8), EOS]]
-    assert rows(ds, "labels") == [[-100] * 5 + [w(3), w(4), EOS], [-100] * 6 + [w(8), EOS]]
-
-
-def test_sft_without_input_field_and_custom_template(tmp_path, tok):
-    f = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "w1", "output": "w2"}])
-    ds = build_sft_dataset(str(f), tok, seq_len=8, prompt_template="w9 {instruction} w9{input}")
-    assert rows(ds) == [[BOS, w(9), w(1), w(9), w(2), EOS]]
-    assert rows(ds, "labels") == [[-100] * 4 + [w(2), EOS]]
-
-
-def test_sft_truncates_response_and_logs(tmp_path, tok, caplog):
-    f = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "w1", "output": "w2 w3 w4 w5"}])
-    with caplog.at_level(logging.INFO, logger="longctx.data"):
-        ds = build_sft_dataset(str(f), tok, seq_len=5)
-    assert rows(ds) == [[BOS, INST, w(1), END_INST, w(2)]]
-    assert rows(ds, "labels") == [[-100, -100, -100, -100, w(2)]]
-    assert "truncated the response of 1 of 1 examples" in caplog.text and "(4 tokens cut)" in caplog.text
+# ---------------------------------------------------------------------------------------------------- batches
 
 
 def test_collate_pads_sft_rows_to_longest():
@@ -271,23 +246,6 @@ def test_error_fewer_tokens_than_one_block(tmp_path, tok):
         build_pretrain_dataset(str(src), tok, seq_len=8)
 
 
-def test_error_prompt_longer_than_seq_len(tmp_path, tok):
-    f = write_jsonl(tmp_path / "p.jsonl", [
-        {"instruction": "w1", "output": "w2"},
-        {"instruction": "w1 w2 w3 w4 w5", "output": "w6"},
-        {"instruction": "w1 w2 w3", "output": "w6"},
-    ])
-    with pytest.raises(DataError, match=r"p\.jsonl: 2 of 3 prompts have >= seq_len=5 tokens .*"
-                                        r"longest: row 1, 8 tokens"):
-        build_sft_dataset(str(f), tok, seq_len=5)
-
-
-def test_error_sft_missing_output_field(tmp_path, tok):
-    f = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "w1", "response": "w2"}])
-    with pytest.raises(DataError, match=r"s\.jsonl: missing field 'output' \(available: instruction, response\)"):
-        build_sft_dataset(str(f), tok, seq_len=8)
-
-
 def test_error_unknown_builtin():
     with pytest.raises(DataError, match=r"unknown builtin source 'builtin:nope'; available: builtin:python-stdlib"):
         load_texts("builtin:nope")
@@ -322,7 +280,7 @@ def test_stdlib_load_texts_one_document_per_file():
 
 
 def test_num_proc_bounded_by_cores(monkeypatch):
-    monkeypatch.setattr(data, "_cores", lambda: 2)
-    assert data._num_proc(64, rows=10_000) == 2
-    assert data._num_proc(None, rows=10_000) == 2
-    assert data._num_proc(8, rows=10) is None
+    monkeypatch.setattr(workers, "_cores", lambda: 2)
+    assert workers.num_proc(64, rows=10_000) == 2
+    assert workers.num_proc(None, rows=10_000) == 2
+    assert workers.num_proc(8, rows=10) is None
