@@ -4,6 +4,7 @@ masks, the tokenizer's own apply_chat_template, a written-out best-fit, and the 
 import importlib.util
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import typing
@@ -424,19 +425,38 @@ def test_weighted_sources_deterministic_dataset(tmp_path, tok, caplog):
 # ------------------------------------------------------------------------------------------- end to end (CPU)
 
 
-@pytest.mark.slow
-def test_sft_quickstart_recipe_trains(tmp_path):
-    """configs/sft-quickstart.yaml (data/tiny-base on tests/data/chat.jsonl and longctx's own sources) through
-    train.py: three steps, a checkpoint, final/."""
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "sft-quickstart.yaml"),
-                           f"train.output_dir={out}", "train.max_steps=3", "train.save_steps=3", "train.logging_steps=1",
-                           "data.num_proc=1"],
+def train(config: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config), f"train.output_dir={out}",
+                           "train.logging_steps=1", "train.save_steps=2", "train.lr_scheduler_type=constant",
+                           "train.warmup_steps=0", "data.num_proc=1", *overrides],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(run: Path, step: int) -> dict[int, float]:
+    state = json.loads((run / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+@pytest.mark.slow
+def test_sft_quickstart_recipe_trains_and_resumes_exactly(tmp_path):
+    """configs/sft-quickstart.yaml (data/tiny-base; tests/data/chat.jsonl mixed with longctx's own .py files) through
+    train.py: 4 steps uninterrupted; then 2 steps, and a rerun to 4 that resumes from checkpoint-2 and must
+    reproduce steps 3 and 4 (the mixture and the packing are rebuilt the same in a new process)."""
+    config = ROOT / "configs" / "sft-quickstart.yaml"
+    proc = train(config, tmp_path / "ref", "train.max_steps=4")
     assert "template 'prompt'" in proc.stderr and "packed" in proc.stderr and "mixture:" in proc.stderr
-    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
-    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
-    assert len(losses) == 3 and all(np.isfinite(losses))
-    assert (out / "final" / "adapter_model.safetensors").is_file()
-    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["format"] == "sft"
+    reference = losses(tmp_path / "ref", 4)
+    assert sorted(reference) == [1, 2, 3, 4] and all(np.isfinite(list(reference.values())))
+    assert (tmp_path / "ref" / "final" / "adapter_model.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())["data"]["format"] == "sft"
+
+    train(config, tmp_path / "cut", "train.max_steps=2")
+    shutil.rmtree(tmp_path / "cut" / "final")  # the first part is a stopped run, not a finished one
+    marker = tmp_path / "cut" / "checkpoint-2" / "longctx_complete.json"
+    saved = marker.read_text()
+    train(config, tmp_path / "cut", "train.max_steps=4")
+    assert marker.read_text() == saved  # resumed from checkpoint-2 (a fresh start would have saved it again)
+    resumed = losses(tmp_path / "cut", 4)
+    assert resumed == pytest.approx(reference, rel=1e-5, abs=1e-6)

@@ -114,7 +114,8 @@ def _scan_directory(root: Path, suffixes: Sequence[str] | None) -> list[Path]:
             else:
                 files.append(path)
     if hidden or other:
-        left = ", ".join(f"{n} {s}" for s, n in other.most_common(5)) + (", ..." if len(other) > 5 else "")
+        common = sorted(other.items(), key=lambda item: (-item[1], item[0]))
+        left = ", ".join(f"{n} {s}" for s, n in common[:5]) + (", ..." if len(other) > 5 else "")
         log.info("%s: reading %d files; left out %d hidden files/folders and %d files of other types%s "
                  "(data.suffixes chooses the types: now %s)", root, len(files), hidden, sum(other.values()),
                  f" ({left})" if other else "", ", ".join(suffixes or DEFAULT_SUFFIXES))
