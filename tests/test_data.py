@@ -406,3 +406,44 @@ def test_weighted_pretraining_sources(tmp_path, tok, caplog):
     assert "dropped the final 0 tokens" in caplog.text and "50.0% of the mixture (weight 50.0%)" in caplog.text
     assert rows(build_pretrain_dataset(sources, tok, seq_len=10, seed=5)) == rows(ds)
     assert rows(build_pretrain_dataset(sources, tok, seq_len=10, seed=6)) != rows(ds)
+
+
+def test_eval_cli_and_training_free_sweeps_read_the_same_validation_part(tmp_path, tok, monkeypatch):
+    """`longctx eval ppl --data A B --split validation` (what a training-free sweep run calls) evaluates the stream a
+    training run with data.train [A, B] evaluates; with data.eval the sweep passes it whole (no --split)."""
+    from longctx import evaluate
+    from longctx.config import load_config
+    from longctx.sweep.job import eval_args
+    from longctx.sweep.spec import Run
+
+    a = write_docs(tmp_path / "a", [list(range(10 * k, 10 * k + 10)) for k in range(30)])
+    b = write_docs(tmp_path / "b", [list(range(300 + 10 * k, 310 + 10 * k)) for k in range(30)])
+    base = {"model": {"name_or_path": "m"}, "train": {"seq_len": 16}, "eval": {"lengths": [8]}}
+    cfg = load_config(data={**base, "data": {"train": [str(a), {"path": str(b), "weight": 3}]}})
+    args = eval_args(Run("r", {}, tmp_path / "r", [], cfg))
+    i = args.index("--data")
+    assert args[i + 1:i + 5] == [str(a), str(b), "--split", "validation"]
+    parsed = evaluate_parser().parse_args(args)
+    seen = {}
+
+    def perplexity(model, tokens, length, *args, **kwargs):  # records the stream instead of running a model
+        seen["t"] = tokens
+        return {"length": length, "stride": length, "nll": 1.0, "ppl": 2.72, "tokens": 7, "windows": 1}
+
+    monkeypatch.setattr(evaluate, "load_for_eval", lambda *a, **k: (None, tok, "m"))
+    monkeypatch.setattr(evaluate, "perplexity", perplexity)
+    assert parsed.func(parsed) == 0
+    assert torch.equal(seen["t"], evaluate.run_eval_tokens(cfg, tok))
+    cfg = load_config(data={**base, "data": {"train": str(a), "eval": str(b)}})
+    args = eval_args(Run("r", {}, tmp_path / "r", [], cfg))
+    assert args[args.index("--data") + 1:args.index("--data") + 3] == [str(b), "--dtype"]
+
+
+def evaluate_parser():
+    import argparse
+
+    from longctx import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_parsers(parser.add_subparsers(dest="command"))
+    return parser

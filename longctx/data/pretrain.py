@@ -50,15 +50,15 @@ def _documents(path: str, tokenizer, split, text_field, hub_config, hub_split, m
 def build_pretrain_dataset(source, tokenizer, seq_len: int, split: str | None = None, text_field: str = "text",
                            hub_config: str | None = None, hub_split: str = "train", min_doc_tokens: int = 0,
                            document_aware: bool = False, num_proc: int | None = None,
-                           suffixes: Sequence[str] | None = None, seed: int = 0,
-                           skip_bad_rows: bool = False) -> datasets.Dataset:
+                           suffixes: Sequence[str] | None = None, seed: int = 0, skip_bad_rows: bool = False,
+                           mix: bool = True) -> datasets.Dataset:
     """LongLoRA pretraining rows: documents tokenized (batched, cached by datasets), each followed by EOS,
     packed into rows of exactly ``seq_len`` tokens: ``input_ids``, ``labels`` (= input_ids) and, with
     ``document_aware``, ``position_ids`` restarting at each document (pass them with attention_mask=None and
     transformers keeps attention inside each document).
 
-    ``source``: one source or several with weights (`longctx.data.mixing`; the validation split of several is their
-    validation parts together, unweighted). ``split``: None (whole sources), "train" or "validation"
+    ``source``: one source or several, mixed by their weights (`longctx.data.mixing`), or with ``mix=False`` one
+    after the other, unweighted (evaluation). ``split``: None (whole sources), "train" or "validation"
     (`longctx.data.split`). Documents with fewer than ``min_doc_tokens`` tokens (and empty ones) are skipped,
     counted and logged; the final partial row is dropped and its token count logged.
     """
@@ -70,7 +70,7 @@ def build_pretrain_dataset(source, tokenizer, seq_len: int, split: str | None = 
                             suffixes, skip_bad_rows) for s in sources]
     name = sources[0].path if len(sources) == 1 else f"{len(sources)} sources"
     if len(parts) > 1:
-        if split == "validation":
+        if not mix:
             docs = pa.concat_arrays(parts)
         else:
             lengths = [p.value_lengths().to_numpy(zero_copy_only=False) + 1 for p in parts]  # + EOS
