@@ -43,6 +43,11 @@ from longctx.data.workers import main_process_first, num_proc as _num_proc
 log = logging.getLogger(__name__)
 
 OVERLONG = ("drop", "truncate_left", "truncate_right", "error")
+# the Encoder's columns, typed (a batch of only bad rows would otherwise infer lists of null)
+FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
+    BAD: datasets.Value("string"), "row": datasets.Value("int64"), "kind": datasets.Value("string"),
+    "full": datasets.Value("int64"), "cut": datasets.Value("int64"), "cut_trained": datasets.Value("int64")})
 TRAIN_ON = ("assistant", "all")
 
 
@@ -136,7 +141,7 @@ def _examples(loaded: Loaded, encoder: Encoder, skip_bad_rows: bool, num_proc: i
     ds, desc, S = loaded.ds, loaded.desc, encoder.seq_len
     if len(ds) == 0:
         raise DataError(f"empty source: {desc} has 0 rows")
-    mapped = ds.map(encoder, batched=True, with_indices=True, remove_columns=ds.column_names,
+    mapped = ds.map(encoder, batched=True, with_indices=True, remove_columns=ds.column_names, features=FEATURES,
                     num_proc=_num_proc(num_proc, len(ds)), desc="tokenize sft")
     table = mapped.data.table
     rows = _column(table, "row")
