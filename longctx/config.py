@@ -135,7 +135,7 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, description="Log every this many steps.")
     save_steps: int = Field(200, description="Checkpoint every this many steps.")
     save_total_limit: int | None = Field(None, description="Keep at most this many checkpoints.")
-    seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    seed: int = Field(42, description="Seed for model init, data order, the data mixture and dropout.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed ZeRO json.")
     resume: str | None = Field("auto", description="'auto' (newest complete checkpoint), a checkpoint path, or null/'off'.")
     report_to: list[str] = Field([], description="Loggers: wandb, tensorboard.")

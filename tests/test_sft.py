@@ -96,6 +96,32 @@ def test_llama2_template(tmp_path, tok):
     assert rows(ds, "labels") == [[IGNORE] * 4 + [w(2), EOS] + [IGNORE] * 4 + [w(4), EOS]]
 
 
+# transformers' former default template of LlamaTokenizer (Llama-2-chat), as it shipped
+LLAMA2_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": " w1 "}, {"role": "assistant", "content": "w2 "}],
+    [{"role": "system", "content": " w0\n"}, {"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"},
+     {"role": "user", "content": "w3"}, {"role": "assistant", "content": " w4"}],
+])
+def test_named_llama2_renders_as_the_llama2_chat_template(tok, messages):
+    from longctx.data import Renderer
+
+    ours = Renderer.for_tokenizer(tok, "llama2")(messages)
+    assert ours == tok.apply_chat_template(messages, chat_template=LLAMA2_JINJA, tokenize=False)
+
+
 def test_text_rows_are_documents_cut_in_pieces(tmp_path, tok, caplog):
     f = write_jsonl(tmp_path / "t.jsonl", [{"text": words(*range(1, 8))}, {"text": ""},
                                           {"instruction": "w8", "output": "w9"}])

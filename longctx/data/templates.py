@@ -44,6 +44,7 @@ class Specials:
     bos: str  # "" when the tokenizer adds no BOS to encoded text
     eos: str
     prompt_template: str = DEFAULT_PROMPT
+    bos_token: str = ""  # the tokenizer's BOS text, whether or not encoding adds it (Llama-2-chat writes it)
 
 
 def chatml(messages: list[dict], add_generation_prompt: bool, s: Specials) -> str:
@@ -52,7 +53,7 @@ def chatml(messages: list[dict], add_generation_prompt: bool, s: Specials) -> st
 
 
 def llama2(messages: list[dict], add_generation_prompt: bool, s: Specials) -> str:
-    """Llama-2-chat (as transformers' former LlamaTokenizer default template): user and assistant alternate."""
+    """Llama-2-chat, as transformers' former LlamaTokenizer default template: user and assistant alternate."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
     turns = messages[1:] if system is not None else messages
     text = ""
@@ -61,10 +62,8 @@ def llama2(messages: list[dict], add_generation_prompt: bool, s: Specials) -> st
             raise BadRow("template does not render", "llama2 needs user and assistant turns alternating, "
                          "starting with user (after an optional first system message)")
         if m["role"] == "user":
-            content = m["content"].strip()
-            if i == 0 and system is not None:
-                content = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{content}"
-            text += f"{s.bos}[INST] {content} [/INST]"
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{m['content']}" if i == 0 and system is not None else m["content"]
+            text += f"{s.bos_token}[INST] {content.strip()} [/INST]"
         else:
             text += f" {m['content'].strip()} {s.eos}"
     return text
@@ -125,7 +124,8 @@ class Renderer:
             raise DataError(f"data.prompt_template: {problem}")
         if tokenizer.eos_token is None:
             raise DataError("the tokenizer has no eos_token; SFT answers end with it")
-        return cls(name, tokenizer, Specials(_added_bos(tokenizer), tokenizer.eos_token, prompt_template))
+        return cls(name, tokenizer, Specials(_added_bos(tokenizer), tokenizer.eos_token, prompt_template,
+                                             tokenizer.bos_token or ""))
 
     def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if self.name != "tokenizer":
