@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,17 +78,38 @@ class LoraConfig(_Section):
         ["embed", "norm"], description="Name substrings made fully trainable besides LoRA (LongLoRA+: embed, norm).")
 
 
+class DataSource(_Section):
+    path: str = Field(description="A source as data.train takes it: builtin, local file/dir/glob, or hub dataset name.")
+    weight: float = Field(1.0, description="Share of the training tokens, relative to the other sources' weights.")
+
+
 class DataConfig(_Section):
-    train: str = Field("builtin:python-stdlib", description="'builtin:python-stdlib', a local file/dir/glob (.txt .jsonl .json .parquet) or hub dataset name.")
-    eval: str | None = Field(None, description="Evaluation source; default: the validation split of `train`.")
-    format: Literal["pretrain", "sft"] = Field("pretrain", description="'pretrain': packed blocks; 'sft': instruction/input/output with prompt masking.")
-    text_field: str = Field("text", description="Text field of json/parquet/hub records (pretrain).")
+    train: str | list[DataSource] = Field("builtin:python-stdlib", description="'builtin:python-stdlib', a local file/dir/glob (.txt .jsonl .json .parquet, or data.suffixes) or hub dataset name; or a list of {path, weight} to mix.")
+    eval: str | None = Field(None, description="Evaluation source, used whole; default: the validation split held out of data.train (pretrain).")
+    format: Literal["pretrain", "sft"] = Field("pretrain", description="'pretrain': packed blocks; 'sft': conversations (messages, instruction/input/output, prompt/completion) with the answers trained.")
+    text_field: str = Field("text", description="Text field of json/parquet/hub records (pretrain; plain documents in sft).")
+    suffixes: list[str] | None = Field(None, description="File types read from a directory or glob: .jsonl/.json/.parquet as rows, any other (.py, .md, .rs, ...) as one plain-text document per file; default .txt .jsonl .json .parquet.")
     hub_config: str | None = Field(None, description="Hub dataset config name.")
     hub_split: str = Field("train", description="Hub dataset split.")
-    min_doc_tokens: int = Field(0, description="Skip (and count) documents shorter than this many tokens.")
-    document_aware: bool = Field(False, description="Restart position_ids at each packed document; attention never crosses documents.")
-    prompt_template: str = Field("[INST] {instruction}{input} [/INST]", description="SFT prompt; {instruction} and {input} are filled in.")
+    min_doc_tokens: int = Field(0, description="Skip (and count) documents shorter than this many tokens (pretrain).")
+    document_aware: bool = Field(False, description="Restart position_ids at each packed document; attention never crosses documents (pretrain).")
+    template: Literal["auto", "tokenizer", "chatml", "llama2", "prompt", "plain"] = Field("auto", description="sft: chat template; auto = the tokenizer's own, else 'prompt'.")
+    prompt_template: str = Field("[INST] {instruction}{input} [/INST]", description="sft, template 'prompt': {instruction} and {input} are filled in.")
+    train_on: Literal["assistant", "all"] = Field("assistant", description="sft: train on the assistant's tokens only, or on all tokens.")
+    overlong: Literal["drop", "truncate_left", "truncate_right", "error"] = Field("drop", description="sft: a conversation longer than train.seq_len is dropped, cut at the start or end, or an error; counted in the log.")
+    pack: bool = Field(True, description="sft: pack conversations into rows of train.seq_len (position_ids restart per conversation).")
+    skip_bad_rows: bool = Field(False, description="Skip (and count) rows that do not fit their format and unreadable files, instead of exit 2.")
     num_proc: int | None = Field(None, description="Tokenization processes; default: the CPU count, at most 8.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _plain_paths(cls, v):
+        # a list may name sources by path alone (weight 1)
+        return [{"path": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    def train_sources(self) -> str | list[dict]:
+        """data.train as the data builders take it."""
+        return self.train if isinstance(self.train, str) else [s.model_dump() for s in self.train]
 
 
 class TrainConfig(_Section):
@@ -113,7 +135,7 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, description="Log every this many steps.")
     save_steps: int = Field(200, description="Checkpoint every this many steps.")
     save_total_limit: int | None = Field(None, description="Keep at most this many checkpoints.")
-    seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    seed: int = Field(42, description="Seed for model init, data order, the data mixture and dropout.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed ZeRO json.")
     resume: str | None = Field("auto", description="'auto' (newest complete checkpoint), a checkpoint path, or null/'off'.")
     report_to: list[str] = Field([], description="Loggers: wandb, tensorboard.")
@@ -210,6 +232,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
         out.append(f"train.deepspeed: file not found: {t.deepspeed}")
     if any(L < 2 for L in cfg.eval.lengths):
         out.append(f"eval.lengths: every length must be >= 2, got {cfg.eval.lengths}")
+    out += data_problems(cfg.data)
+    if cfg.data.format == "sft" and cfg.eval.lengths and cfg.data.eval is None:
+        out.append("eval.lengths: with data.format sft, set data.eval to a text source for perplexity (the "
+                   "conversations of data.train are not a validation text)")
     if cfg.eval.every is not None and cfg.eval.every < 1:
         out.append(f"eval.every: must be >= 1, got {cfg.eval.every}")
     if r.rope_type != "none":
@@ -218,6 +244,24 @@ def cross_field_problems(cfg: Config) -> list[str]:
         extra = sorted(r.model_dump(exclude_none=True, exclude={"rope_type"}))
         out.append(f"rope: {', '.join(extra)} given but rope.rope_type is 'none'; set rope.rope_type to one of "
                    f"{', '.join(t for t in rope_registry.ROPE_TYPES if t != 'none')}")
+    return out
+
+
+def data_problems(d: DataConfig) -> list[str]:
+    out = []
+    if isinstance(d.train, list) and not d.train:
+        out.append("data.train: an empty list; give a source or a list of {path, weight}")
+    for i, s in enumerate([] if isinstance(d.train, str) else d.train):
+        if not (math.isfinite(s.weight) and s.weight > 0):
+            out.append(f"data.train[{i}].weight: must be a finite number > 0, got {s.weight}")
+    if d.suffixes is not None and (not d.suffixes or not all(x.startswith(".") and len(x) > 1 for x in d.suffixes)):
+        out.append(f"data.suffixes: a list of file suffixes such as [.py, .md], got {d.suffixes}")
+    if d.prompt_template != DataConfig.model_fields["prompt_template"].default:
+        from longctx.data.templates import prompt_template_problem  # imports longctx.data only for a custom one
+
+        problem = prompt_template_problem(d.prompt_template)
+        if problem:
+            out.append(f"data.prompt_template: {problem}")
     return out
 
 

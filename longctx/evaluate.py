@@ -86,13 +86,15 @@ def perplexity(model, tokens: torch.Tensor, length: int, stride: int | None = No
             "windows": len(windows)}
 
 
-def eval_tokens(source: str, tokenizer, max_length: int, text_field: str = "text", split: str = "validation",
-                hub_config: str | None = None, hub_split: str = "validation") -> torch.Tensor:
-    """The evaluation token stream: documents packed exactly as for training, flattened."""
+def eval_tokens(source, tokenizer, max_length: int, text_field: str = "text", split: str | None = "validation",
+                hub_config: str | None = None, hub_split: str = "validation", suffixes=None) -> torch.Tensor:
+    """The evaluation token stream: documents packed exactly as for training, flattened. `source`: one or several
+    (one after the other); `split`: None for the whole, "train"/"validation" for the deterministic parts
+    (longctx.data.split)."""
     from longctx import data as data_lib
 
     ds = data_lib.build_pretrain_dataset(source, tokenizer, max_length, split=split, text_field=text_field,
-                                         hub_config=hub_config, hub_split=hub_split)
+                                         hub_config=hub_config, hub_split=hub_split, suffixes=suffixes, mix=False)
     return torch.tensor(ds["input_ids"], dtype=torch.long).flatten()
 
 
@@ -333,11 +335,12 @@ def plot_passkey(lengths: list[int], depths: list[float], acc: dict, path: Path,
 
 
 def run_eval_tokens(cfg, tokenizer) -> torch.Tensor:
-    """The evaluation stream of a training config: data.eval, else the validation split of data.train."""
-    source = cfg.data.eval or cfg.data.train
-    split = "train" if cfg.data.eval else "validation"
-    return eval_tokens(source, tokenizer, max(cfg.eval.lengths), text_field=cfg.data.text_field, split=split,
-                       hub_config=cfg.data.hub_config, hub_split=cfg.data.hub_split)
+    """The evaluation stream of a training config: data.eval whole, else the validation split of data.train (every
+    source's, unweighted), which training holds out (trainer._dataset)."""
+    d = cfg.data
+    source, split = (d.eval, None) if d.eval else (d.train_sources(), "validation")
+    return eval_tokens(source, tokenizer, max(cfg.eval.lengths), text_field=d.text_field, split=split,
+                       hub_config=d.hub_config, hub_split=d.hub_split, suffixes=d.suffixes)
 
 
 def eval_run(cfg, final: Path) -> dict:
@@ -434,7 +437,9 @@ def cmd_ppl(args) -> int:
     for path in args.model:
         model, tokenizer, label = load_for_eval(path, rope=rope, dtype=args.dtype)
         if tokens is None:
-            tokens = eval_tokens(args.data, tokenizer, max(args.lengths), split=args.split)
+            split = args.split or ("validation" if args.data[0].startswith("builtin:") else None)
+            tokens = eval_tokens(args.data if len(args.data) > 1 else args.data[0], tokenizer, max(args.lengths),
+                                 split=split)
         results[label] = [perplexity(model, tokens, L, args.stride, args.batch_size, args.max_tokens)
                           for L in args.lengths]
     for extra in args.add or []:
@@ -470,8 +475,11 @@ def add_parsers(sub) -> None:
     p = esub.add_parser("ppl", help="perplexity at several context lengths")
     p.add_argument("--model", nargs="+", required=True, help="RUN/final, an exported dir, or a base model")
     p.add_argument("--lengths", type=_lengths, required=True, help="e.g. 256,512,1024")
-    p.add_argument("--data", default="builtin:python-stdlib", help="evaluation source (default: stdlib validation)")
-    p.add_argument("--split", default="validation")
+    p.add_argument("--data", nargs="+", default=["builtin:python-stdlib"],
+                   help="evaluation source(s), read one after the other (default: the stdlib's validation part)")
+    p.add_argument("--split", choices=["train", "validation"], default=None,
+                   help="a deterministic part of --data (README: validation split); default: the validation part "
+                        "of builtin sources, the whole of any other")
     p.add_argument("--stride", type=int, default=None, help="scored tokens per window after the first (default L)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=None, help="scored-token budget per length")

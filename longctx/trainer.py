@@ -357,13 +357,16 @@ def train(cfg: Config) -> Path:
 
 def _dataset(cfg: Config, tokenizer, split: str):
     d = cfg.data
+    common = dict(text_field=d.text_field, hub_config=d.hub_config, hub_split=d.hub_split, suffixes=d.suffixes,
+                  seed=cfg.train.seed, skip_bad_rows=d.skip_bad_rows, num_proc=d.num_proc)
     if d.format == "sft":
-        return data_lib.build_sft_dataset(d.train, tokenizer, cfg.train.seq_len, prompt_template=d.prompt_template,
-                                          split=split, num_proc=d.num_proc)
-    return data_lib.build_pretrain_dataset(d.train, tokenizer, cfg.train.seq_len, split=split,
-                                           text_field=d.text_field, hub_config=d.hub_config, hub_split=d.hub_split,
-                                           min_doc_tokens=d.min_doc_tokens, document_aware=d.document_aware,
-                                           num_proc=d.num_proc)
+        return data_lib.build_sft_dataset(d.train_sources(), tokenizer, cfg.train.seq_len,
+                                          prompt_template=d.prompt_template, template=d.template, train_on=d.train_on,
+                                          overlong=d.overlong, pack=d.pack, **common)
+    # without data.eval, evaluation reads the validation split of data.train: hold it out of training (issue 18)
+    return data_lib.build_pretrain_dataset(d.train_sources(), tokenizer, cfg.train.seq_len,
+                                           split=None if d.eval else split, min_doc_tokens=d.min_doc_tokens,
+                                           document_aware=d.document_aware, **common)
 
 
 def save_final(cfg: Config, trainer: Trainer, handle, tokenizer) -> Path:

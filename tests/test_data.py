@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from longctx import data
-from longctx.data import DataError, build_pretrain_dataset, build_sft_dataset, collate, load_texts
+from longctx.data import DataError, build_pretrain_dataset, collate, load_texts, workers
 
 EOS, PAD, BOS, INST, END_INST = 0, 1, 2, 4, 5
 
@@ -24,11 +24,13 @@ def w(i: int) -> int:
 
 @pytest.fixture(scope="module")
 def tok():
-    """Word-level tokenizer: ``w{i}`` -> i + 6, whitespace split, BOS added as a special token."""
+    """Word-level tokenizer: ``w{i}`` -> i + 6, whitespace split, BOS added as a special token (tests/test_sft.py
+    uses it too)."""
     words = ["<eos>", "<pad>", "<s>", "<unk>", "[INST]", "[/INST]"] + [f"w{i}" for i in range(1000)]
     t = Tokenizer(models.WordLevel({x: i for i, x in enumerate(words)}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    t.add_special_tokens(["[INST]", "[/INST]"])  # split out of glued text, as a real tokenizer's added tokens
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>")
 
@@ -39,6 +41,11 @@ def write_docs(folder: Path, docs: list[list[int]]) -> Path:
     for k, doc in enumerate(docs):
         (folder / f"doc{k:03d}.txt").write_text(" ".join(f"w{i}" for i in doc))
     return folder
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def rows(ds, key="input_ids"):
@@ -150,39 +157,7 @@ def test_document_aware_attention_isolation(tmp_path, tok):
     assert (leaky[8:18] - packed[8:18]).abs().max() > 1e-3
 
 
-# ------------------------------------------------------------------------------------------------------ SFT
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def test_sft_masks_prompt_and_appends_eos(tmp_path, tok):
-    f = write_jsonl(tmp_path / "sft.jsonl", [
-        {"instruction": "w1 w2", "input": "", "output": "w3 w4"},
-        {"instruction": "w5", "input": "w6 w7", "output": "w8"},
-    ])
-    ds = build_sft_dataset(str(f), tok, seq_len=16)
-    assert rows(ds) == [[BOS, INST, w(1), w(2), END_INST, w(3), w(4), EOS],
-                        [BOS, INST, w(5), w(6), w(7), END_INST, w(8), EOS]]
-    assert rows(ds, "labels") == [[-100] * 5 + [w(3), w(4), EOS], [-100] * 6 + [w(8), EOS]]
-
-
-def test_sft_without_input_field_and_custom_template(tmp_path, tok):
-    f = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "w1", "output": "w2"}])
-    ds = build_sft_dataset(str(f), tok, seq_len=8, prompt_template="w9 {instruction} w9{input}")
-    assert rows(ds) == [[BOS, w(9), w(1), w(9), w(2), EOS]]
-    assert rows(ds, "labels") == [[-100] * 4 + [w(2), EOS]]
-
-
-def test_sft_truncates_response_and_logs(tmp_path, tok, caplog):
-    f = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "w1", "output": "w2 w3 w4 w5"}])
-    with caplog.at_level(logging.INFO, logger="longctx.data"):
-        ds = build_sft_dataset(str(f), tok, seq_len=5)
-    assert rows(ds) == [[BOS, INST, w(1), END_INST, w(2)]]
-    assert rows(ds, "labels") == [[-100, -100, -100, -100, w(2)]]
-    assert "truncated the response of 1 of 1 examples" in caplog.text and "(4 tokens cut)" in caplog.text
+# ---------------------------------------------------------------------------------------------------- batches
 
 
 def test_collate_pads_sft_rows_to_longest():
@@ -271,23 +246,6 @@ def test_error_fewer_tokens_than_one_block(tmp_path, tok):
         build_pretrain_dataset(str(src), tok, seq_len=8)
 
 
-def test_error_prompt_longer_than_seq_len(tmp_path, tok):
-    f = write_jsonl(tmp_path / "p.jsonl", [
-        {"instruction": "w1", "output": "w2"},
-        {"instruction": "w1 w2 w3 w4 w5", "output": "w6"},
-        {"instruction": "w1 w2 w3", "output": "w6"},
-    ])
-    with pytest.raises(DataError, match=r"p\.jsonl: 2 of 3 prompts have >= seq_len=5 tokens .*"
-                                        r"longest: row 1, 8 tokens"):
-        build_sft_dataset(str(f), tok, seq_len=5)
-
-
-def test_error_sft_missing_output_field(tmp_path, tok):
-    f = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "w1", "response": "w2"}])
-    with pytest.raises(DataError, match=r"s\.jsonl: missing field 'output' \(available: instruction, response\)"):
-        build_sft_dataset(str(f), tok, seq_len=8)
-
-
 def test_error_unknown_builtin():
     with pytest.raises(DataError, match=r"unknown builtin source 'builtin:nope'; available: builtin:python-stdlib"):
         load_texts("builtin:nope")
@@ -322,7 +280,170 @@ def test_stdlib_load_texts_one_document_per_file():
 
 
 def test_num_proc_bounded_by_cores(monkeypatch):
-    monkeypatch.setattr(data, "_cores", lambda: 2)
-    assert data._num_proc(64, rows=10_000) == 2
-    assert data._num_proc(None, rows=10_000) == 2
-    assert data._num_proc(8, rows=10) is None
+    monkeypatch.setattr(workers, "_cores", lambda: 2)
+    assert workers.num_proc(64, rows=10_000) == 2
+    assert workers.num_proc(None, rows=10_000) == 2
+    assert workers.num_proc(8, rows=10) is None
+
+
+# -------------------------------------------------------------- the validation split of local sources (issue 18)
+
+
+def by_rule(text: str) -> bool:
+    """The written rule: SHA-1 of the text, as a number, mod 100 below 5 -> validation."""
+    return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 100 < 5
+
+
+def test_validation_split_by_hash_of_the_text(tmp_path):
+    src = write_docs(tmp_path / "d", [[k, k + 1] for k in range(0, 400, 2)])   # 200 distinct documents
+    texts = [(src / f"doc{k:03d}.txt").read_text() for k in range(200)]
+    train = list(load_texts(str(src), split="train")["text"])
+    val = list(load_texts(str(src), split="validation")["text"])
+    assert val == [t for t in texts if by_rule(t)] and train == [t for t in texts if not by_rule(t)]
+    assert 0 < len(val) < 25
+    assert list(load_texts(str(src))["text"]) == texts                     # split None: the whole source
+    assert list(load_texts(str(src), split="validation")["text"]) == val   # the same on every call
+
+
+def test_small_sources_still_get_both_parts(tmp_path):
+    texts = ["w1", "w2", "w3"]
+    assert not any(by_rule(t) for t in texts)          # the hash alone would hold out nothing
+    src = write_docs(tmp_path / "d", [[1], [2], [3]])
+    lowest = min(texts, key=lambda t: hashlib.sha1(t.encode()).hexdigest())
+    assert list(load_texts(str(src), split="validation")["text"]) == [lowest]
+    assert sorted(load_texts(str(src), split="train")["text"]) == sorted(set(texts) - {lowest})
+    one = write_docs(tmp_path / "one", [[1]])
+    assert list(load_texts(str(one), split="train")["text"]) == ["w1"]
+    with pytest.raises(DataError, match=r"no documents in its validation part .*; set data.eval"):
+        load_texts(str(one), split="validation")
+
+
+def eval_and_train_tokens(cfg, tok):
+    from longctx import evaluate, trainer
+
+    train = {t for row in trainer._dataset(cfg, tok, "train")["input_ids"] for t in row} - {EOS}
+    evaluated = set(evaluate.run_eval_tokens(cfg, tok).tolist()) - {EOS}
+    return train, evaluated
+
+
+def held_out_words(folder: Path) -> set[int]:
+    """Token ids of the documents the written rule holds out: by_rule, else the one with the lowest SHA-1."""
+    texts = [f.read_text() for f in sorted(folder.iterdir())]
+    held = [t for t in texts if by_rule(t)] or [min(texts, key=lambda t: hashlib.sha1(t.encode()).hexdigest())]
+    return {w(int(x[1:])) for t in held for x in t.split()}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_training_never_sees_what_evaluation_reads(tmp_path, tok, weighted):
+    """A local data.train without data.eval: evaluation reads its held-out documents, training never does, also for
+    weighted sources (every word belongs to one document, so a shared token would be a shared document)."""
+    from longctx.config import load_config
+
+    a = write_docs(tmp_path / "a", [list(range(10 * k, 10 * k + 10)) for k in range(30)])
+    b = write_docs(tmp_path / "b", [list(range(300 + 10 * k, 310 + 10 * k)) for k in range(30)])
+    train = [{"path": str(a), "weight": 2}, {"path": str(b), "weight": 1}] if weighted else str(a)
+    cfg = load_config(data={"model": {"name_or_path": "m"}, "train": {"seq_len": 16}, "eval": {"lengths": [8]},
+                            "data": {"train": train, "num_proc": 1}})
+    trained, evaluated = eval_and_train_tokens(cfg, tok)
+    held = held_out_words(a) | (held_out_words(b) if weighted else set())
+    assert evaluated and evaluated <= held and not trained & held
+    assert len({w(i) for i in range(300)} - held - trained) < 16   # the rest of A, but the final partial row
+    # with data.eval, training reads data.train whole and evaluation reads data.eval whole
+    cfg = load_config(data={"model": {"name_or_path": "m"}, "train": {"seq_len": 16}, "eval": {"lengths": [8]},
+                            "data": {"train": str(a), "eval": str(b), "num_proc": 1}})
+    trained, evaluated = eval_and_train_tokens(cfg, tok)
+    assert len({w(i) for i in range(300)} - trained) < 16 and evaluated <= {w(i) for i in range(300, 600)}
+    assert len(evaluated) > 250
+
+
+# ------------------------------------------------------------------------------- code and other plain-text files
+
+
+def test_code_directory_one_document_per_file(tmp_path, caplog):
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    (repo / ".git").mkdir()
+    (repo / "a.py").write_text("print('a')\n")
+    (repo / "b.md").write_text("# B\n")
+    (repo / "sub" / "d.py").write_text("x = 1\n")
+    (repo / "c.rs").write_text("fn main() {}\n")
+    (repo / "logo.png").write_bytes(b"\x89PNG")
+    (repo / ".git" / "hook.py").write_text("hidden\n")
+    with caplog.at_level(logging.INFO, logger="longctx.data"):
+        texts = load_texts(str(repo), suffixes=[".py", ".md"])
+    assert list(texts["text"]) == ["print('a')\n", "# B\n", "x = 1\n"]           # a.py, b.md, sub/d.py
+    assert "reading 3 files; left out 1 hidden files/folders and 2 files of other types (1 .png, 1 .rs)" in caplog.text
+    assert list(load_texts(str(repo / "*.rs"), suffixes=[".rs"])["text"]) == ["fn main() {}\n"]
+    with pytest.raises(DataError, match=r"directory .*repo has no \.txt/\.jsonl/\.json/\.parquet files \(data.suffixes"):
+        load_texts(str(repo))
+    with pytest.raises(DataError, match=r"unsupported file type .*a\.py .*data.suffixes adds plain-text types"):
+        load_texts(str(repo / "a.py"))
+
+
+def test_skip_bad_rows_skips_unreadable_files_with_a_count(tmp_path, caplog):
+    src = write_docs(tmp_path / "d", [[1], [2]])
+    (src / "bad.txt").write_bytes(b"w1 \xff")
+    with pytest.raises(DataError, match=r"bad\.txt is not valid UTF-8"):
+        load_texts(str(src))
+    with caplog.at_level(logging.INFO, logger="longctx.data"):
+        assert list(load_texts(str(src), skip_bad_files=True)["text"]) == ["w1", "w2"]
+    assert "skipped 1 of 3 files (data.skip_bad_rows): the first: file " in caplog.text
+
+
+# ------------------------------------------------------------------------------------------- weighted sources
+
+
+def test_weighted_pretraining_sources(tmp_path, tok, caplog):
+    """A: 4 documents of 9 words (10 tokens with EOS), B: 4 of 4 (5); weights 1:1 of 60 tokens = 30 each: A gives 3
+    documents, B one whole copy and 2 more; 60 tokens = 6 rows of 10, in one seeded order."""
+    a = write_docs(tmp_path / "a", [list(range(10 * k, 10 * k + 9)) for k in range(4)])
+    b = write_docs(tmp_path / "b", [list(range(100 + 10 * k, 104 + 10 * k)) for k in range(4)])
+    sources = [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 1}]
+    with caplog.at_level(logging.INFO, logger="longctx.data"):
+        ds = build_pretrain_dataset(sources, tok, seq_len=10, seed=5)
+    flat = [t for r in rows(ds) for t in r]
+    assert len(flat) == 60 and sum(t < w(100) and t != EOS for t in flat) == 27 and sum(t >= w(100) for t in flat) == 24
+    assert "dropped the final 0 tokens" in caplog.text and "50.0% of the mixture (weight 50.0%)" in caplog.text
+    assert rows(build_pretrain_dataset(sources, tok, seq_len=10, seed=5)) == rows(ds)
+    assert rows(build_pretrain_dataset(sources, tok, seq_len=10, seed=6)) != rows(ds)
+
+
+def test_eval_cli_and_training_free_sweeps_read_the_same_validation_part(tmp_path, tok, monkeypatch):
+    """`longctx eval ppl --data A B --split validation` (what a training-free sweep run calls) evaluates the stream a
+    training run with data.train [A, B] evaluates; with data.eval the sweep passes it whole (no --split)."""
+    from longctx import evaluate
+    from longctx.config import load_config
+    from longctx.sweep.job import eval_args
+    from longctx.sweep.spec import Run
+
+    a = write_docs(tmp_path / "a", [list(range(10 * k, 10 * k + 10)) for k in range(30)])
+    b = write_docs(tmp_path / "b", [list(range(300 + 10 * k, 310 + 10 * k)) for k in range(30)])
+    base = {"model": {"name_or_path": "m"}, "train": {"seq_len": 16}, "eval": {"lengths": [8]}}
+    cfg = load_config(data={**base, "data": {"train": [str(a), {"path": str(b), "weight": 3}]}})
+    args = eval_args(Run("r", {}, tmp_path / "r", [], cfg))
+    i = args.index("--data")
+    assert args[i + 1:i + 5] == [str(a), str(b), "--split", "validation"]
+    parsed = evaluate_parser().parse_args(args)
+    seen = {}
+
+    def perplexity(model, tokens, length, *args, **kwargs):  # records the stream instead of running a model
+        seen["t"] = tokens
+        return {"length": length, "stride": length, "nll": 1.0, "ppl": 2.72, "tokens": 7, "windows": 1}
+
+    monkeypatch.setattr(evaluate, "load_for_eval", lambda *a, **k: (None, tok, "m"))
+    monkeypatch.setattr(evaluate, "perplexity", perplexity)
+    assert parsed.func(parsed) == 0
+    assert torch.equal(seen["t"], evaluate.run_eval_tokens(cfg, tok))
+    cfg = load_config(data={**base, "data": {"train": str(a), "eval": str(b)}})
+    args = eval_args(Run("r", {}, tmp_path / "r", [], cfg))
+    assert args[args.index("--data") + 1:args.index("--data") + 3] == [str(b), "--dtype"]
+
+
+def evaluate_parser():
+    import argparse
+
+    from longctx import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_parsers(parser.add_subparsers(dest="command"))
+    return parser

@@ -186,10 +186,12 @@ def make_job(sweep: Sweep, run: Run, torchrun: bool | None = None) -> Job:
 def eval_args(run: Run) -> list[str]:
     """`longctx eval ppl` arguments for a training-free run: the base model with this run's rope."""
     cfg = run.config
-    split = "train" if cfg.data.eval else "validation"
+    d = cfg.data  # what a training run evaluates: data.eval whole, else the validation split of data.train
+    train = d.train_sources()
+    data = ["--data", d.eval] if d.eval else ["--data", *([train] if isinstance(train, str) else
+                                                          [s["path"] for s in train]), "--split", "validation"]
     args = ["eval", "ppl", "--model", cfg.model.name_or_path, "--lengths", ",".join(map(str, cfg.eval.lengths)),
-            "--data", cfg.data.eval or cfg.data.train, "--split", split, "--dtype", cfg.model.dtype,
-            "--out", str(rundir.eval_dir(run.dir))]
+            *data, "--dtype", cfg.model.dtype, "--out", str(rundir.eval_dir(run.dir))]
     if cfg.eval.max_tokens:
         args += ["--max-tokens", str(cfg.eval.max_tokens)]
     if cfg.eval.stride:
