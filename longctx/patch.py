@@ -40,6 +40,12 @@ class Handle:
             undo()
         self._undo.clear()
 
+    def __enter__(self) -> "Handle":  # `with longctx.apply(model, ...):` undoes the patch on leaving the block
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
     def longctx_json(self) -> dict[str, Any]:
         """What RUN/final/longctx.json records about the patch."""
         return {"rope": self.rope.model_dump() if self.rope else None,
@@ -61,16 +67,21 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "head_dim")]
 
 
-def apply(model: torch.nn.Module, rope: dict[str, Any] | None = None,
-          attention: dict[str, Any] | None = None) -> Handle:
-    """Scale RoPE and/or select S2 attention on `model` (a transformers or PEFT model). Raises ConfigError."""
-    base = _base(model)
-    config = base.config
-    model_type = getattr(config, "model_type", type(base).__name__)
+def check_supported(config) -> None:
+    """ConfigError naming the model type when longctx cannot patch this family; train, eval, export and plan call
+    it on the model's config before anything else is checked or loaded."""
+    model_type = getattr(config, "model_type", None) or type(config).__name__
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model type {model_type!r} is not supported by longctx (supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}); models without RoPE (ALiBi: bloom, mpt) cannot be "
                           "extended by RoPE scaling")
+
+
+def apply(model: torch.nn.Module, rope: dict[str, Any] | None = None,
+          attention: dict[str, Any] | None = None) -> Handle:
+    """Scale RoPE and/or select S2 attention on `model` (a transformers or PEFT model). Raises ConfigError."""
+    base = _base(model)
+    check_supported(base.config)
     handle = Handle(model, None, dict(attention or {"type": "full"}))
     try:
         if rope and rope.get("rope_type", "none") != "none":
