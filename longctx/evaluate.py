@@ -434,7 +434,9 @@ def training_callback(tokens, lengths: list[int], log_fn, every: int | None = No
                 model.train(was_training)
             if dist.is_main():
                 log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in logs.items()))
+            should_log = control.should_log
             log_fn(logs)
+            control.should_log = should_log  # Trainer.log clears it: this step's loss would go unlogged
 
     return PerplexityDuringTraining()
 

@@ -156,9 +156,14 @@ def manifest(checkpoint: Path) -> dict[str, dict[str, int]]:
 
 
 def write_complete(checkpoint: Path, step: int, run_id: str) -> None:
-    """Mark a checkpoint complete: its manifest, step and run id, written atomically (temp file + rename)."""
+    """Mark a checkpoint complete: its manifest, step and run id, and the marker's own CRC (so a corrupted marker
+    is named as such), written atomically (temp file + rename)."""
     marker = {"step": step, "run_id": run_id, "time": time.time(), "files": manifest(checkpoint)}
-    write_atomic(Path(checkpoint) / COMPLETE, json.dumps(marker, indent=1))
+    write_atomic(Path(checkpoint) / COMPLETE, json.dumps({**marker, "crc32": _marker_crc(marker)}, indent=1))
+
+
+def _marker_crc(marker: dict) -> int:
+    return zlib.crc32(json.dumps({k: v for k, v in marker.items() if k != "crc32"}, sort_keys=True).encode())
 
 
 def read_complete(checkpoint: Path) -> dict | None:
@@ -179,6 +184,8 @@ def verify(checkpoint: Path) -> str | None:
     files = marker.get("files")
     if not isinstance(files, dict):
         return f"{COMPLETE} has no manifest of the checkpoint's files (written by an older longctx)"
+    if marker.get("crc32") != _marker_crc(marker):
+        return f"{COMPLETE} does not match its own checksum (corrupted)"
     for name, want in sorted(files.items()):  # sizes first: cheap, and they catch truncation
         path = checkpoint / name
         if not path.is_file():

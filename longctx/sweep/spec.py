@@ -115,8 +115,8 @@ def _file_problems(sf: SweepFile) -> list[str]:
         [("grid", k, v) for k, values in sf.grid.items() for v in values] + \
         [(f"runs[{i}]", k, v) for i, r in enumerate(sf.runs) for k, v in r.items()]
     for where, key in sorted({(where, key) for where, key, value in settings if _sets_output_dir(key, value)}):
-        out.append(f"{where}.{key}: sets train.output_dir, which the sweep sets (OUTPUT/<run name>); use the sweep's "
-                   "output_dir instead")
+        how = "" if key.replace(" ", "") == "train.output_dir" else "sets train.output_dir, which is "
+        out.append(f"{where}.{key}: {how}set by the sweep (OUTPUT/<run name>); use the sweep's output_dir instead")
     if sf.max_parallel < 1:
         out.append(f"max_parallel: must be >= 1, got {sf.max_parallel}")
     s = sf.slurm
