@@ -294,3 +294,33 @@ def test_sigterm_during_evaluation_exits_0_and_a_rerun_finishes_it(micro, corpus
     assert "is finished" in again.stderr  # not trained again
     assert set(json.loads((run / "eval" / "ppl.json").read_text())) == {"base", "extended"}
     assert (run / "final" / "adapter_model.safetensors").read_bytes() == adapter and trained_steps(run) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 16 item 3: train() leaves the process's signal handlers as it found them, however it ends
+
+def test_signal_handlers_are_restored_when_training_ends(micro, corpus, tmp_path, monkeypatch):
+    from longctx import trainer as trainer_lib
+
+    def mine(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, mine) for sig in trainer_lib.PREEMPTION_SIGNALS}
+    try:
+        cfg = load_config(write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "run", max_steps=1))
+        assert trainer_lib.train(cfg).name == "final"
+        assert all(signal.getsignal(sig) is mine for sig in trainer_lib.PREEMPTION_SIGNALS)
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("a save that fails")
+
+        monkeypatch.setattr(trainer_lib.CheckpointExtras, "on_save", fail)
+        cfg = load_config(write_config(tmp_path / "c2.yaml", micro, corpus, tmp_path / "run2", max_steps=1))
+        with pytest.raises(RuntimeError, match="a save that fails"):
+            trainer_lib.train(cfg)
+        assert all(signal.getsignal(sig) is mine for sig in trainer_lib.PREEMPTION_SIGNALS)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        rundir.release(tmp_path / "run")
+        rundir.release(tmp_path / "run2")
