@@ -211,7 +211,6 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
     """
     import longctx
     from longctx import model as model_lib
-
     from longctx.patch import check_supported
 
     device = device or dist.local_device()

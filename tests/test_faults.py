@@ -105,16 +105,24 @@ def test_a_kill_at_any_phase_of_a_save_leaves_a_complete_checkpoint(micro, corpu
     assert rundir.verify(start.checkpoint) is None
     if phase == "delete":  # the old checkpoint was renamed out of the checkpoint namespace before deletion began
         assert (run / "checkpoint-2.deleting").is_dir() and names(rundir.checkpoints(run)) == ["checkpoint-4"]
-    if (phase, limit) in (("extras", 1), ("delete", 1)):  # the rerun continues from it and tidies up
-        again = ok(launch(config))
-        assert f"resuming from {run / expected}" in again.stderr
-        assert final_steps(run) == 4 and trained_steps(run) == [1, 2, 3, 4]
-        assert names(run.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1, no *.deleting left
+
+
+@pytest.mark.slow  # two trainer processes: over 20 s
+@pytest.mark.parametrize("phase,expected", [("extras", "checkpoint-2"), ("delete", "checkpoint-4")])
+def test_the_rerun_after_a_killed_save_continues_and_tidies_up(micro, corpus, tmp_path, phase, expected):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", micro, corpus, run, save_total_limit=1)
+    assert launch(config, fault=f"{phase}@4").returncode == -signal.SIGKILL
+    again = ok(launch(config))
+    assert f"resuming from {run / expected}" in again.stderr
+    assert final_steps(run) == 4 and trained_steps(run) == [1, 2, 3, 4]
+    assert names(run.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1, no *.deleting left
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Item 2: one live run per run directory
 
+@pytest.mark.slow  # two trainer processes: over 20 s
 def test_a_second_run_on_a_busy_directory_is_refused(micro, corpus, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", micro, corpus, run, max_steps=10_000, save_steps=10_000)
@@ -231,6 +239,7 @@ def test_a_broken_file_in_the_newest_checkpoint_falls_back_or_exits_2(done, micr
         resolve_resume(load_config(config, overrides=[f"train.resume={run / 'checkpoint-4'}"]))
 
 
+@pytest.mark.slow  # two trainer processes: over 20 s
 def test_a_corrupt_optimizer_state_end_to_end(done, micro, corpus, tmp_path):
     config = copy_run(done, tmp_path, micro, corpus, keep_final=False)
     run = tmp_path / "run"
@@ -266,6 +275,7 @@ def test_sigterm_at_the_last_step_writes_final_without_another_step(micro, corpu
     assert final_steps(run) == 4 and trained_steps(run) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # two trainer processes: over 20 s
 def test_a_run_killed_before_final_writes_it_from_its_last_checkpoint(micro, corpus, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", micro, corpus, run)
@@ -282,6 +292,7 @@ def test_a_run_killed_before_final_writes_it_from_its_last_checkpoint(micro, cor
 # ---------------------------------------------------------------------------------------------------------------
 # Item 8: SIGTERM during the evaluation after training
 
+@pytest.mark.slow  # two trainer processes: over 20 s
 def test_sigterm_during_evaluation_exits_0_and_a_rerun_finishes_it(micro, corpus, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", micro, corpus, run)
