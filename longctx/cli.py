@@ -23,16 +23,45 @@ def _setup_logging() -> None:
         transformers.logging.set_verbosity_error()
 
 
+def number(kind: type, low: float, high: float | None = None, low_in: bool = True, high_in: bool = True):
+    """An argparse type: a finite `kind` (int or float) in a range, worded as the config's ranges are; argparse
+    turns a bad value into exit 2 with one line naming the argument."""
+    from longctx.config import allowed, in_range
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not in_range(value, low, high, low_in, high_in):
+            raise argparse.ArgumentTypeError(f"must be {allowed(low, high, low_in, high_in)}, got {text}")
+        return value
+
+    return parse
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from longctx import dist, rundir
     from longctx.config import load_config
-    from longctx.trainer import train
+    from longctx.trainer import Stopped, stop_on_signals, train
 
     cfg = load_config(args.config, overrides=args.overrides)
-    final = train(cfg)
-    if cfg.eval.lengths and final.name == "final":
-        from longctx.evaluate import eval_run
+    final = train(cfg)  # the run directory when training stopped early (SIGTERM/SIGUSR1): no evaluation then
+    if not (cfg.eval.lengths and final.name == rundir.FINAL and dist.is_main()):
+        return 0
+    from longctx.evaluate import eval_run
 
-        eval_run(cfg, final)
+    done = rundir.eval_dir(cfg.train.output_dir) / "ppl.json"  # written last: present means complete
+    if done.is_file():
+        logging.getLogger("longctx").info("evaluation already done: %s", done)
+        return 0
+    try:
+        with stop_on_signals():  # a rerun finishes the evaluation; training is not repeated
+            eval_run(cfg, final)
+    except Stopped as e:
+        logging.getLogger("longctx").warning("%s during the evaluation: stopped; rerun the same command to finish it "
+                                             "(%s is kept, training is not repeated)", e, final)
     return 0
 
 

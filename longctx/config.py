@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # allow_inf_nan=False: inf and nan (YAML's .inf, .nan) are refused in every float field (issue 18 item 10)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -80,7 +81,10 @@ class LoraConfig(_Section):
 
 class DataSource(_Section):
     path: str = Field(description="A source as data.train takes it: builtin, local file/dir/glob, or hub dataset name.")
-    weight: float = Field(1.0, description="Share of the training tokens, relative to the other sources' weights.")
+    # nan/inf pass the type here (only here) so that cross_field_problems words it: "data.train[1].weight: must be
+    # a finite number > 0", instead of pydantic's error for each branch of data.train's str | list union.
+    weight: float = Field(1.0, allow_inf_nan=True,
+                          description="Share of the training tokens, relative to the other sources' weights.")
 
 
 class DataConfig(_Section):
@@ -190,6 +194,85 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+# The longest context length longctx accepts anywhere (train.seq_len, eval lengths, rope lengths, CLI --lengths):
+# 16M tokens, far beyond any model it can train, and small enough that a typo (1e12) fails here, not in a tensor.
+MAX_LENGTH = 2**24
+
+# Every numeric field and its allowed range: (low, high, low included, high included); None is unbounded. Checked
+# when the config loads (train, eval, plan, sweep all load it here); inf and nan are refused by the schema itself.
+# tests/test_config.py fails when a numeric field is missing here.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "rope.original_max_position_embeddings": (1, MAX_LENGTH, True, True),
+    "rope.max_position_embeddings": (1, MAX_LENGTH, True, True),
+    "rope.rope_theta": (0, None, False, False),
+    "rope.attention_factor": (0, None, False, False),
+    "rope.beta_fast": (0, None, False, False),
+    "rope.beta_slow": (0, None, False, False),
+    "rope.mscale": (0, None, False, False),
+    "rope.mscale_all_dim": (0, None, True, False),
+    "rope.low_freq_factor": (0, None, False, False),
+    "rope.high_freq_factor": (0, None, False, False),
+    "rope.short_factor": (0, None, False, False),
+    "rope.long_factor": (0, None, False, False),
+    "attention.group_size_ratio": (0, 1, False, True),
+    "attention.group_size": (2, MAX_LENGTH, True, True),
+    "lora.r": (1, None, True, False),
+    "lora.alpha": (0, None, False, False),
+    "lora.dropout": (0, 1, True, False),
+    "data.min_doc_tokens": (0, None, True, False),
+    "data.num_proc": (1, None, True, False),
+    "train.seq_len": (2, MAX_LENGTH, True, True),
+    "train.max_steps": (1, None, True, False),
+    "train.learning_rate": (0, None, False, False),
+    "train.warmup_steps": (0, None, True, False),
+    "train.weight_decay": (0, None, True, False),
+    "train.adam_beta1": (0, 1, True, False),
+    "train.adam_beta2": (0, 1, True, False),
+    "train.max_grad_norm": (0, None, True, False),  # 0 switches clipping off (Trainer)
+    "train.per_device_train_batch_size": (1, None, True, False),
+    "train.gradient_accumulation_steps": (1, None, True, False),
+    "train.loss_chunk_size": (1, None, True, False),
+    "train.logging_steps": (1, None, True, False),
+    "train.save_steps": (1, None, True, False),
+    "train.save_total_limit": (1, None, True, False),
+    "train.seed": (0, 2**32 - 1, True, True),  # numpy's seeds
+    "train.dataloader_num_workers": (0, None, True, False),
+    "eval.lengths": (2, MAX_LENGTH, True, True),
+    "eval.every": (1, None, True, False),
+    "eval.stride": (1, None, True, False),
+    "eval.max_tokens": (1, None, True, False),
+}
+RANGES_ELSEWHERE = ("rope.factor", "rope.alpha")  # rope.py's parameter models check them (>= 1)
+
+def allowed(low: float, high: float | None, low_in: bool, high_in: bool) -> str:
+    """A range as the message says it: '>= 1', '> 0', 'in [0, 1)'."""
+    def num(x):
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    if high is None:
+        return f"{'>=' if low_in else '>'} {num(low)}"
+    return f"in {'[' if low_in else '('}{num(low)}, {num(high)}{']' if high_in else ')'}"
+
+
+def in_range(v: float, low: float | None, high: float | None, low_in: bool, high_in: bool) -> bool:
+    return math.isfinite(v) and (low is None or (v >= low if low_in else v > low)) and \
+        (high is None or (v <= high if high_in else v < high))
+
+
+def range_problems(cfg: "Config") -> list[str]:
+    """One line per numeric value outside its range (RANGES); for a list, the values that are."""
+    out = []
+    for key, bounds in RANGES.items():
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        values = v if isinstance(v, list) else [] if v is None else [v]
+        bad = [x for x in values if not in_range(x, *bounds)]
+        if bad:
+            got = v if isinstance(v, list) and len(v) <= 8 else bad[0]
+            out.append(f"{key}: {'every value ' if isinstance(v, list) else ''}must be {allowed(*bounds)}, got {got}")
+    return out
+
+
 def group_size(seq_len: int, ratio: float, absolute: int | None) -> int:
     """S2 group size for a sequence of `seq_len` tokens: `absolute`, else ratio * seq_len (LongLoRA)."""
     return absolute if absolute is not None else int(seq_len * ratio)
@@ -197,47 +280,29 @@ def group_size(seq_len: int, ratio: float, absolute: int | None) -> int:
 
 def cross_field_problems(cfg: Config) -> list[str]:
     """Conflicts between fields, each a readable line naming the keys."""
-    out: list[str] = []
+    out: list[str] = range_problems(cfg)
     a, t, r = cfg.attention, cfg.train, cfg.rope
-    if t.seq_len < 2:
-        out.append(f"train.seq_len: must be at least 2, got {t.seq_len}")
-    if a.type == "s2":
-        if not 0 < a.group_size_ratio <= 1:
-            out.append(f"attention.group_size_ratio: must be in (0, 1], got {a.group_size_ratio}")
-        else:
-            g = group_size(t.seq_len, a.group_size_ratio, a.group_size)
-            if g < 2 or g % 2:
-                out.append(f"attention: the S2 group size must be an even number >= 2, got {g} "
-                           f"(train.seq_len={t.seq_len}, group_size_ratio={a.group_size_ratio}, group_size={a.group_size})")
-            elif t.seq_len % g:
-                out.append(f"attention: the S2 group size {g} does not divide train.seq_len={t.seq_len}; "
-                           f"pick a seq_len that is a multiple of {g} or another group_size_ratio/group_size")
+    out_of_range = {line.split(":")[0] for line in out}
+    if a.type == "s2" and not out_of_range & {"train.seq_len", "attention.group_size_ratio", "attention.group_size"}:
+        g = group_size(t.seq_len, a.group_size_ratio, a.group_size)
+        if g < 2 or g % 2:
+            out.append(f"attention: the S2 group size must be an even number >= 2, got {g} "
+                       f"(train.seq_len={t.seq_len}, group_size_ratio={a.group_size_ratio}, group_size={a.group_size})")
+        elif t.seq_len % g:
+            out.append(f"attention: the S2 group size {g} does not divide train.seq_len={t.seq_len}; "
+                       f"pick a seq_len that is a multiple of {g} or another group_size_ratio/group_size")
     if cfg.model.quantization and not cfg.lora.enabled:
         out.append("model.quantization: 4bit (QLoRA) needs lora.enabled: true; a 4-bit base cannot be fully fine-tuned")
     if cfg.model.quantization and cfg.model.dtype == "float32":
         pass  # allowed: compute dtype float32 works on the CPU
     if t.bf16 and t.fp16:
         out.append("train.bf16 and train.fp16: choose at most one")
-    if cfg.lora.r < 1:
-        out.append(f"lora.r: must be >= 1, got {cfg.lora.r}")
-    if not 0 <= cfg.lora.dropout < 1:
-        out.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
-    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-                "loss_chunk_size"):
-        if getattr(t, key) < 1:
-            out.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    if t.learning_rate <= 0:
-        out.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():
         out.append(f"train.deepspeed: file not found: {t.deepspeed}")
-    if any(L < 2 for L in cfg.eval.lengths):
-        out.append(f"eval.lengths: every length must be >= 2, got {cfg.eval.lengths}")
     out += data_problems(cfg.data)
     if cfg.data.format == "sft" and cfg.eval.lengths and cfg.data.eval is None:
         out.append("eval.lengths: with data.format sft, set data.eval to a text source for perplexity (the "
                    "conversations of data.train are not a validation text)")
-    if cfg.eval.every is not None and cfg.eval.every < 1:
-        out.append(f"eval.every: must be >= 1, got {cfg.eval.every}")
     if r.rope_type != "none":
         out += [f"rope.{p}" for p in rope_registry.problems(cfg.rope_dict(), prefix="")]
     elif r.model_dump(exclude_none=True, exclude={"rope_type"}):
@@ -289,12 +354,66 @@ def validate(raw: dict, source: str = "config") -> Config:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join("  - " + m for m in messages)) from None
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML forbids it; PyYAML keeps the last one,
+    silently dropping a whole section) and a document whose aliases expand past MAX_YAML_NODES (a "billion laughs"
+    alias bomb: PyYAML shares aliased nodes, but everything that walks the result expands them). The size is
+    counted on the node graph, each shared node once, so the check itself never expands anything."""
+
+    def construct_document(self, node):
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"its aliases (*name) expand to more than {MAX_YAML_NODES:,} values; a config "
+                                 "never needs that many (an alias bomb?)")
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden key by key
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise yaml.YAMLError(f"duplicate key {key!r} at line {line} (first at line {first[key]}); the "
+                                         "second would silently replace the first: keep one")
+                first[key] = line
+            except TypeError:
+                continue  # an unhashable key: SafeConstructor's own error says so
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Values in the document once every alias is expanded; shared (aliased) nodes are counted from `memo`."""
+    if id(node) in memo:
+        if memo[id(node)] is None:  # an alias inside its own anchor: infinite
+            return MAX_YAML_NODES + 1
+        return memo[id(node)]
+    memo[id(node)] = None
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo)
+        if total > MAX_YAML_NODES:
+            break
+    memo[id(node)] = total
+    return total
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python values with StrictLoader (duplicate keys and alias bombs refused)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506  StrictLoader is a SafeLoader
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """What a YAML file holds; a ConfigError naming `what` ('config file', 'sweep file') when it is missing or bad."""
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
 
@@ -319,7 +438,7 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {p} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = load_yaml(value) if value.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list: {e}") from None
 

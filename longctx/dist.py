@@ -7,8 +7,12 @@ the environment; once torch.distributed is initialised its answer wins (it is th
 from __future__ import annotations
 
 import os
+import pickle
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def _initialized() -> bool:
@@ -46,3 +50,28 @@ def barrier() -> None:
     """Wait for every rank; a no-op in one process."""
     if _initialized():
         torch.distributed.barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on the main process alone and give every rank its result; when it raises, every rank raises the
+    same exception (a rank that waited for an answer that never comes would hang in the next collective).
+
+    For decisions only the main process may take, such as claiming the run directory or tidying it before resume.
+    """
+    if not _initialized() or world_size() == 1:
+        return fn()
+    box: list = [None]
+    if is_main():
+        try:
+            box[0] = (True, fn())
+        except Exception as e:  # noqa: BLE001  handed to every rank, then raised on this one too
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001  an exception that cannot travel still must not leave ranks waiting
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            box[0] = (False, e)
+    torch.distributed.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

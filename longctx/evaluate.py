@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from longctx import dist, rundir
-from longctx.config import ConfigError
+from longctx.config import MAX_LENGTH, ConfigError
 
 log = logging.getLogger("longctx")
 
@@ -213,6 +213,7 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
     """
     import longctx
     from longctx import model as model_lib
+    from longctx.patch import check_supported
 
     device = device or dist.local_device()
     p = Path(path)
@@ -222,9 +223,13 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
         if info.get("lora"):
             from peft import PeftModel
 
-            base = model_lib.load_model(info["base_model"], dtype=dtype, gguf_file=info.get("gguf_file"))
+            base_model = base_model_path(p, info)
+            check_supported(model_lib.read_config(base_model, info.get("gguf_file"),
+                                                  key=f"{info_path}: base_model"))
+            base = model_lib.load_model(base_model, dtype=dtype, gguf_file=info.get("gguf_file"))
             model = PeftModel.from_pretrained(base, str(p))
         else:  # full fine-tuning: final/ holds every weight
+            check_supported(model_lib.read_config(str(p), key="--model"))
             model = model_lib.load_model(str(p), dtype=dtype)
         extras = p / rundir.TRAINABLE
         if extras.is_file():
@@ -236,13 +241,16 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
         longctx.apply(model, rope=rope or user_rope or None)
         tokenizer = model_lib.load_tokenizer(str(p))
         return model.to(device).eval(), tokenizer, p.parent.name + "/" + p.name
-    hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not path.endswith(".gguf")
-    if not p.exists() and not hub_id:
+    if not p.exists() and not model_lib.is_hub_id(path):
         raise ConfigError(f"--model: {path} does not exist (expected a run's final/ directory, an exported model "
                           "directory, a .gguf file or a hub id)")
     if p.is_dir() and not (p / "config.json").is_file():
         raise ConfigError(f"--model: {path} is a directory without config.json or longctx.json (expected a run's "
                           "final/ directory or a Hugging Face model directory)")
+    if rope or path.endswith(".gguf"):  # a model longctx patches must be of a family it supports; a GGUF is read
+        config = model_lib.read_config(path, key="--model")  # here so that a truncated one exits 2
+        if rope:
+            check_supported(config)
     try:
         model = model_lib.load_model(path, dtype=dtype)
     except OSError as e:
@@ -256,13 +264,44 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
     return model.to(device).eval(), tokenizer, label
 
 
+def base_model_path(final: Path, info: dict) -> str:
+    """The base model final/longctx.json records, found from any working directory. Runs record it absolute (or
+    as a hub id); an older run's relative path is tried from the directory training ran in (longctx.json's cwd,
+    or what train.output_dir says about it), then from here."""
+    from longctx import model as model_lib
+
+    base = info["base_model"]
+    p = Path(base).expanduser()
+    if p.is_absolute():
+        return base
+    tried = []
+    for root in _training_dirs(final, info):
+        if (root / p).exists():
+            return str(root / p)
+        tried.append(str(root / p))
+    if p.exists() or model_lib.is_hub_id(base):
+        return base
+    raise ConfigError(f"{rundir.info_path(final)}: the base model {base!r} is a path relative to where training ran, "
+                      f"and it is neither here nor at {', '.join(tried) or 'a recorded training directory'}; run from "
+                      "that directory, or write the absolute path into base_model")
+
+
+def _training_dirs(final: Path, info: dict) -> list[Path]:
+    """Where training may have run: the recorded cwd, and RUN minus a relative train.output_dir (runs/x: RUN/../..)."""
+    dirs = [Path(info["cwd"])] if info.get("cwd") else []
+    out = Path(((info.get("config") or {}).get("train") or {}).get("output_dir") or "")
+    run = Path(final).resolve().parent
+    if out.parts and not out.is_absolute() and ".." not in out.parts and run.parts[-len(out.parts):] == out.parts:
+        dirs.append(Path(*run.parts[:-len(out.parts)]))
+    return dirs
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reports
 
 def write_ppl(results: dict[str, list[dict]], out: Path) -> None:
     """ppl.json, ppl.md (a table) and ppl.png (PPL vs length, log scale, one line per model)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ppl.json").write_text(json.dumps(results, indent=1))
     lengths = sorted({r["length"] for rows in results.values() for r in rows})
     lines = ["| model | " + " | ".join(f"PPL@{L}" for L in lengths) + " |",
              "|---|" + "---|" * len(lengths)]
@@ -271,6 +310,7 @@ def write_ppl(results: dict[str, list[dict]], out: Path) -> None:
         lines.append(f"| {name} | " + " | ".join(f"{by_len[L]:.3f}" if L in by_len else "-" for L in lengths) + " |")
     (out / "ppl.md").write_text("\n".join(lines) + "\n")
     plot_ppl(results, out / "ppl.png")
+    rundir.write_atomic(out / "ppl.json", json.dumps(results, indent=1))  # last: present means the evaluation is done
 
 
 def plot_ppl(results: dict[str, list[dict]], path: Path) -> None:
@@ -362,41 +402,43 @@ def eval_run(cfg, final: Path) -> dict:
     return results
 
 
-def training_callback(cfg, tokenizer):
-    """A TrainerCallback that logs ppl@L (eval.lengths) every eval.every steps and at the last step.
+def training_callback(tokens, lengths: list[int], log_fn, every: int | None = None, stride: int | None = None,
+                      max_tokens: int | None = None):
+    """A TrainerCallback that logs ppl@L for each of `lengths` every `every` steps and at the last step through
+    `log_fn` (Trainer.log: every logger). `tokens()` gives the evaluation stream; it is called before the first
+    step, so data shorter than a window fails before any training.
 
     Every rank runs the same windows (under ZeRO-3 a forward is collective); Trainer's loggers report from rank 0.
-    Set `.trainer` after building the Trainer: the values go through `trainer.log` to every logger.
     """
     from transformers import TrainerCallback
 
     class PerplexityDuringTraining(TrainerCallback):
         def __init__(self):
-            self.trainer = None
             self.tokens = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             if self.tokens is None:  # fails before the first step if the data is too short for a window
-                self.tokens = run_eval_tokens(cfg, tokenizer)
-                if self.tokens.numel() < max(cfg.eval.lengths):
+                self.tokens = tokens()
+                if self.tokens.numel() < max(lengths):
                     raise ConfigError(f"eval.lengths: the evaluation data has {self.tokens.numel()} tokens, fewer "
-                                      f"than one window of {max(cfg.eval.lengths)}")
+                                      f"than one window of {max(lengths)}")
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             step = state.global_step
             last = step >= state.max_steps
-            if not (last or (cfg.eval.every and step % cfg.eval.every == 0)):
+            if not (last or (every and step % every == 0)):
                 return
             was_training = model.training
             try:
-                logs = {f"ppl@{L}": perplexity(model, self.tokens, L, cfg.eval.stride, max_tokens=cfg.eval.max_tokens,
-                                               desc=f"step {step} ppl@{L}")["ppl"] for L in cfg.eval.lengths}
+                logs = {f"ppl@{L}": perplexity(model, self.tokens, L, stride, max_tokens=max_tokens,
+                                               desc=f"step {step} ppl@{L}")["ppl"] for L in lengths}
             finally:
                 model.train(was_training)
             if dist.is_main():
                 log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in logs.items()))
-            if self.trainer is not None:
-                self.trainer.log(logs)
+            should_log = control.should_log
+            log_fn(logs)
+            control.should_log = should_log  # Trainer.log clears it: this step's loss would go unlogged
 
     return PerplexityDuringTraining()
 
@@ -409,8 +451,8 @@ def _lengths(text: str) -> list[int]:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"lengths must be integers >= 2, got {text!r}")
+    if not values or any(not 2 <= v <= MAX_LENGTH for v in values):
+        raise argparse.ArgumentTypeError(f"lengths must be integers in [2, {MAX_LENGTH}], got {text!r}")
     return values
 
 
@@ -430,8 +472,33 @@ def _rope_overrides(items: list[str] | None) -> dict | None:
         raise ConfigError(f"--rope: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
 
 
+def _earlier_results(paths: list[str] | None) -> dict:
+    """--add: earlier ppl.json files, read before any model loads."""
+    results = {}
+    for extra in paths or []:
+        try:
+            rows = json.loads(Path(extra).read_text())
+        except OSError as e:
+            raise ConfigError(f"--add: cannot read {extra}: {e.strerror or e}") from None
+        except ValueError:
+            raise ConfigError(f"--add: {extra} is not JSON (expected a ppl.json written by longctx eval ppl)") from None
+        if not isinstance(rows, dict) or not all(isinstance(v, list) and all(isinstance(r, dict) and "length" in r
+                                                                            and "ppl" in r for r in v)
+                                                 for v in rows.values()):
+            raise ConfigError(f"--add: {extra} is not a ppl.json ({{model: [{{length, ppl, ...}}]}})")
+        results.update(rows)
+    return results
+
+
+def _out_dir(out: str) -> Path:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    return Path(out)
+
+
 def cmd_ppl(args) -> int:
     rope = _rope_overrides(args.rope)
+    earlier, out = _earlier_results(args.add), _out_dir(args.out)
     results = {}
     tokens = None
     for path in args.model:
@@ -442,10 +509,9 @@ def cmd_ppl(args) -> int:
                                  split=split)
         results[label] = [perplexity(model, tokens, L, args.stride, args.batch_size, args.max_tokens)
                           for L in args.lengths]
-    for extra in args.add or []:
-        results.update(json.loads(Path(extra).read_text()))
-    write_ppl(results, Path(args.out))
-    print((Path(args.out) / "ppl.md").read_text())
+    results.update(earlier)
+    write_ppl(results, out)
+    print((out / "ppl.md").read_text())
     return 0
 
 
@@ -462,14 +528,17 @@ def cmd_passkey(args) -> int:
         if not 0.0 <= d <= 1.0:
             raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before "
                               f"the question), got {d:g}")
+    out = _out_dir(args.out)
     model, tokenizer, label = load_for_eval(args.model, rope=rope, dtype=args.dtype)
     result = {"model": label, **passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed)}
-    write_passkey(result, Path(args.out))
-    print((Path(args.out) / "passkey.md").read_text())
+    write_passkey(result, out)
+    print((out / "passkey.md").read_text())
     return 0
 
 
 def add_parsers(sub) -> None:
+    from longctx.cli import number
+
     e = sub.add_parser("eval", help="evaluate: perplexity vs length, passkey retrieval")
     esub = e.add_subparsers(dest="eval_command", required=True)
     p = esub.add_parser("ppl", help="perplexity at several context lengths")
@@ -480,9 +549,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", choices=["train", "validation"], default=None,
                    help="a deterministic part of --data (README: validation split); default: the validation part "
                         "of builtin sources, the whole of any other")
-    p.add_argument("--stride", type=int, default=None, help="scored tokens per window after the first (default L)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=None, help="scored-token budget per length")
+    p.add_argument("--stride", type=number(int, 1), default=None,
+                   help="scored tokens per window after the first (default L)")
+    p.add_argument("--batch-size", type=number(int, 1), default=1)
+    p.add_argument("--max-tokens", type=number(int, 1), default=None, help="scored-token budget per length")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=yarn factor=4")
     p.add_argument("--add", nargs="*", help="earlier ppl.json files to draw on the same plot")
@@ -494,8 +564,8 @@ def add_parsers(sub) -> None:
     k.add_argument("--lengths", type=_lengths, required=True, help="prompt lengths in tokens, e.g. 256,512,1024")
     k.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="key positions in [0, 1] (default 0,0.25,0.5,0.75,1)")
-    k.add_argument("--trials", type=int, default=5, help="keys per (length, depth) (default 5)")
-    k.add_argument("--seed", type=int, default=0, help="seed of the random keys")
+    k.add_argument("--trials", type=number(int, 1), default=5, help="keys per (length, depth) (default 5)")
+    k.add_argument("--seed", type=number(int, 0), default=0, help="seed of the random keys")
     k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     k.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=dynamic factor=4")
     k.add_argument("--out", required=True, help="output directory (passkey.json, passkey.md, passkey.png)")

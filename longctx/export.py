@@ -82,6 +82,8 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out.resolve() == final.resolve():
         raise ConfigError(f"--out must differ from the run's final/ directory {final}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise ConfigError(f"--out: {out} exists and is not empty; choose another directory or pass --force "
@@ -259,12 +261,14 @@ def cmd_export(args) -> int:
 
 
 def add_parser(sub) -> None:
+    from longctx.cli import number
+
     p = sub.add_parser("export", help="merge RUN/final into a Hugging Face model with the scaling in config.json")
     p.add_argument("final", help="a run's final/ directory")
     p.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights of the export (default: the run's model.dtype)")
-    p.add_argument("--atol", type=float, default=None,
+    p.add_argument("--atol", type=number(float, 0), default=None,
                    help="logit tolerance of the check (default 1e-4 for float32; relative for 16-bit)")
     p.add_argument("--no-verify", action="store_true", help="skip the round-trip check (not recommended)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
 from longctx import dist, families
+from longctx.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LONGLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -37,6 +39,46 @@ def _split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | No
     if gguf_file is not None and gguf_file != name:
         raise ValueError(f"name_or_path names the GGUF file {name!r}, but gguf_file={gguf_file!r}; give one of them")
     return directory or ".", name
+
+
+def is_hub_id(name: str) -> bool:
+    """'owner/name' that is no local path: what transformers looks up on the model hub."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".gguf") \
+        and not Path(name).exists()
+
+
+def absolute_source(name_or_path: str) -> str:
+    """A local model path made absolute (recorded so, a run's final/ loads from any working directory); a hub id
+    as it is."""
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.exists() else name_or_path
+
+
+def read_config(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                key: str = "model.name_or_path"):
+    """The base model's transformers config (config.json, or a GGUF file's metadata, which also reads every tensor
+    header, so a truncated GGUF fails here); one ConfigError naming `key` when the model is missing, is not a model
+    or cannot be read. Train, eval, export and plan call it before loading anything."""
+    from transformers import AutoConfig
+
+    p = Path(name_or_path)
+    if not p.exists() and not is_hub_id(name_or_path):
+        raise ConfigError(f"{key}: {name_or_path} does not exist (expected a Hugging Face model directory, a .gguf "
+                          "file or a hub id such as HuggingFaceTB/SmolLM2-135M)")
+    directory, gguf = _split_gguf(name_or_path, gguf_file)
+    if p.is_dir() and gguf is None and not (p / "config.json").is_file():
+        raise ConfigError(f"{key}: {name_or_path} is a directory without config.json: not a Hugging Face model "
+                          "directory (for a GGUF file in it, set model.gguf_file)")
+    if gguf is not None and Path(directory).is_dir() and not (Path(directory) / gguf).is_file():
+        raise ConfigError(f"{key}: GGUF file {Path(directory) / gguf} does not exist")
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                          **({"gguf_file": gguf} if gguf else {}))
+    except Exception as e:  # noqa: BLE001  OSError, ValueError, struct.error from a truncated GGUF, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = f"the GGUF file {gguf} (truncated or not a GGUF file?)" if gguf else f"the model config of {name_or_path!r}"
+        raise ConfigError(f"{key}: could not read {what}: {reason}; a model directory needs its config.json, a hub "
+                          "id needs the network or the hub cache") from None
 
 
 def load_model(name_or_path: str, dtype: str = "float32", quantization: str | None = None,

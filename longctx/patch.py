@@ -40,6 +40,12 @@ class Handle:
             undo()
         self._undo.clear()
 
+    def __enter__(self) -> "Handle":  # `with longctx.apply(model, ...):` undoes the patch on leaving the block
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
     def longctx_json(self) -> dict[str, Any]:
         """What RUN/final/longctx.json records about the patch."""
         return {"rope": self.rope.model_dump() if self.rope else None,
@@ -61,11 +67,17 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "head_dim")]
 
 
+def check_supported(config) -> None:
+    """ConfigError naming the model type when longctx cannot patch this family (longctx.families); train, eval,
+    export and plan call it on the model's config before anything else is checked or loaded."""
+    families.of(config)
+
+
 def apply(model: torch.nn.Module, rope: dict[str, Any] | None = None,
           attention: dict[str, Any] | None = None) -> Handle:
     """Scale RoPE and/or select S2 attention on `model` (a transformers or PEFT model). Raises ConfigError."""
     base = _base(model)
-    families.of(base.config)  # ConfigError for a model type longctx does not support
+    check_supported(base.config)
     handle = Handle(model, None, dict(attention or {"type": "full"}))
     try:
         if rope and rope.get("rope_type", "none") != "none":

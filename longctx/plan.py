@@ -466,25 +466,14 @@ def _check(dtype, quantization, mixed_precision, attention, zero_stage, world_si
 # From a longctx config
 
 def read_model_config(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
-    """The transformers config of the base model (config.json, or the GGUF metadata); ConfigError if unreadable."""
-    from transformers import AutoConfig
+    """The transformers config of the base model (config.json, or the GGUF metadata) of a family longctx supports;
+    ConfigError if unreadable or unsupported (the family is named before any LoRA target problem)."""
+    from longctx.model import read_config
+    from longctx.patch import check_supported
 
-    from longctx.model import _split_gguf
-
-    p = Path(name_or_path)
-    hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    if not p.exists() and not hub_id:
-        raise ConfigError(f"model.name_or_path: {name_or_path} does not exist (expected a model directory, a .gguf "
-                          "file or a hub id)")
-    try:
-        directory, gguf = _split_gguf(name_or_path, gguf_file)
-        kwargs = {"gguf_file": gguf} if gguf else {}
-        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.name_or_path: could not read the model config of {name_or_path!r} ({reason}); "
-                          "the planner needs its shape (config.json): download the model or just its config.json "
-                          "and point model.name_or_path at that directory") from None
+    model_config = read_config(name_or_path, gguf_file, trust_remote_code)
+    check_supported(model_config)
+    return model_config
 
 
 def deepspeed_settings(path: str | None, hidden_size: int) -> tuple[int, bool, int]:
@@ -502,30 +491,44 @@ def deepspeed_settings(path: str | None, hidden_size: int) -> tuple[int, bool, i
     return int(zero.get("stage", 0)), offload, bucket
 
 
-def estimate_config(cfg: Config, world_size: int = 1, device: str = "cuda") -> Estimate:
-    """`estimate` for a validated longctx config: reads the model's config.json and the DeepSpeed json."""
-    m, t = cfg.model, cfg.train
-    model_config = read_model_config(m.name_or_path, m.gguf_file, m.trust_remote_code)
+def plan_arguments(cfg: Config) -> dict:
+    """`estimate_model`'s settings from a validated config: the builder's half (train and `longctx plan` call it;
+    everything below takes plain arguments)."""
+    m, t, a = cfg.model, cfg.train, cfg.attention
+    s2 = a.type == "s2"
+    return dict(
+        seq_len=t.seq_len, batch_size=t.per_device_train_batch_size, lora=cfg.lora.enabled, lora_r=cfg.lora.r,
+        lora_targets=cfg.lora.target_modules, trainable_params=cfg.lora.trainable_params,
+        quantization=m.quantization, dtype=m.dtype, mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else None,
+        gradient_checkpointing=t.gradient_checkpointing, attention="s2" if s2 else None,  # None: as load_model
+        group_size=group_size(t.seq_len, a.group_size_ratio, a.group_size) if s2 else None,
+        chunked_loss=t.chunked_loss, loss_chunk_size=t.loss_chunk_size, deepspeed=t.deepspeed)
+
+
+def estimate_model(model_config, *, deepspeed: str | None = None, world_size: int = 1, device: str = "cuda",
+                   **settings) -> Estimate:
+    """`estimate` with the ZeRO settings read from a DeepSpeed json; ConfigError for a shape the planner does not
+    know or a LoRA target the model lacks."""
     try:
         shape = Shape.of(model_config)
     except AttributeError as e:
-        raise ConfigError(f"model.name_or_path: {m.name_or_path} has no Llama-style shape the planner knows ({e})") \
-            from None
-    stage, offload, bucket = deepspeed_settings(t.deepspeed, shape.hidden)
-    a, s2 = cfg.attention, cfg.attention.type == "s2"
-    mixed = "bf16" if t.bf16 else "fp16" if t.fp16 else None
+        raise ConfigError(f"model.name_or_path: {getattr(model_config, 'name_or_path', '') or 'the model'} has no "
+                          f"Llama-style shape the planner knows ({e})") from None
+    stage, offload, bucket = deepspeed_settings(deepspeed, shape.hidden)
     try:
-        return estimate(
-            model_config, seq_len=t.seq_len, batch_size=t.per_device_train_batch_size, lora=cfg.lora.enabled,
-            lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules, trainable_params=cfg.lora.trainable_params,
-            quantization=m.quantization, dtype=m.dtype, mixed_precision=mixed,
-            gradient_checkpointing=t.gradient_checkpointing,
-            attention="s2" if s2 else families.of(model_config).attn_implementation,  # as load_model: Gemma-2 eager
-            group_size=group_size(t.seq_len, a.group_size_ratio, a.group_size) if s2 else None,
-            chunked_loss=t.chunked_loss, loss_chunk_size=t.loss_chunk_size, zero_stage=stage, world_size=world_size,
-            offload=offload, reduce_bucket_size=bucket, device=device)
+        if settings.get("attention") is None:  # full attention: the implementation load_model picks (Gemma-2 eager)
+            settings["attention"] = families.of(model_config).attn_implementation
+        return estimate(model_config, zero_stage=stage, world_size=world_size, offload=offload,
+                        reduce_bucket_size=bucket, device=device, **settings)
     except ValueError as e:  # a LoRA target or trainable_params substring the model does not have
         raise ConfigError(f"lora: {e}") from None
+
+
+def estimate_config(cfg: Config, world_size: int = 1, device: str = "cuda") -> Estimate:
+    """`estimate` for a validated longctx config: reads the model's config.json and the DeepSpeed json."""
+    m = cfg.model
+    model_config = read_model_config(m.name_or_path, m.gguf_file, m.trust_remote_code)
+    return estimate_model(model_config, world_size=world_size, device=device, **plan_arguments(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -567,15 +570,17 @@ def format_estimate(e: Estimate, budget_bytes: int | None) -> str:
     return "\n".join(lines + ([line] if line else []))
 
 
-def warn_if_too_big(cfg: Config, world_size: int) -> None:
-    """Log one WARNING when the plan exceeds this device; never stops training (the plan is advice)."""
+def warn_if_too_big(model_config, world_size: int, **settings) -> None:
+    """Log one WARNING when the plan (`estimate_model(model_config, **settings)`) exceeds this device; never stops
+    training (the plan is advice)."""
     device = "cpu"
     try:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        line = warning(estimate_config(cfg, world_size=world_size, device=device), device_budget(device))
-    except Exception as e:  # noqa: BLE001  an unreadable config or an unknown architecture must not stop a run
+        line = warning(estimate_model(model_config, world_size=world_size, device=device, **settings),
+                       device_budget(device))
+    except Exception as e:  # noqa: BLE001  an unknown architecture or setting must not stop a run
         log.info("memory plan skipped: %s", e)
         return
     if line:
@@ -595,15 +600,18 @@ def cmd_plan(args) -> int:
 def add_parser(sub) -> None:
     import torch
 
+    from longctx.cli import number
+
     about = ("predict the peak memory per device of a training config and print the breakdown; advice only: "
              "exits 0 even when it will not fit (with a WARNING line), unless --strict")
     p = sub.add_parser("plan", help=about, description=about)
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seq_len=16384")
-    p.add_argument("--world-size", type=int, default=1, help="processes (GPUs) in the run, all nodes together")
+    p.add_argument("--world-size", type=number(int, 1), default=1,
+                   help="processes (GPUs) in the run, all nodes together")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where it runs (default: what `train` would use on this machine)")
-    p.add_argument("--budget-gb", type=float, default=None,
+    p.add_argument("--budget-gb", type=number(float, 0, low_in=False), default=None,
                    help="device memory in GiB (default: GPU 0's memory on cuda, total RAM on cpu)")
     p.add_argument("--strict", action="store_true", help="exit 3 when the plan does not fit the budget")
     p.set_defaults(func=cmd_plan)

@@ -5,10 +5,13 @@
 
 What Trainer does not do and we add, each as a small callback or a method:
 - embed/norm weights (LongLoRA+) saved in every checkpoint and in RUN/final (LongLoRA #53, #98, #123 lost them);
-- checkpoints marked complete only after every rank wrote its part, and `resume: auto` takes the newest complete
-  one (Trainer writes checkpoint-N in place, so a killed save leaves a half-written directory behind);
+- the checkpoint protocol (longctx/rundir.py): checkpoints marked complete, with a manifest of their files and the
+  run id, only after every rank wrote its part; rotation only after that; `resume: auto` takes the newest intact
+  complete checkpoint of this run (Trainer writes checkpoint-N in place, so a killed save leaves a half-written
+  directory behind, and its own rotation deletes old checkpoints before the new one is complete);
+- one live run per run directory (rank 0 claims it), a finished run reruns as a no-op, never a step past max_steps;
 - resume refused when shape-defining fields changed;
-- SIGTERM / SIGUSR1 (cluster preemption) -> checkpoint at the end of the step, exit 0;
+- SIGTERM / SIGUSR1 (cluster preemption) -> checkpoint at the end of the step, exit 0; handlers restored afterwards;
 - a NaN or inf loss stops the run with a clear message before the optimizer step touches the weights;
 - tokens/s and the global batch in the logs.
 """
@@ -20,8 +23,11 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +41,7 @@ from longctx import dist, rundir
 from longctx import evaluate
 from longctx import loss as loss_lib
 from longctx import model as model_lib
-from longctx import plan
+from longctx import patch, plan
 from longctx.config import Config, ConfigError
 
 log = logging.getLogger("longctx")
@@ -52,22 +58,138 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None to start fresh."""
-    resume = cfg.train.resume
-    if resume in (None, "off", "false", "no"):
-        return None
-    run_dir = Path(cfg.train.output_dir)
-    if resume == "auto":
-        done = rundir.complete_checkpoints(run_dir)
-        partial = [p.name for p in rundir.checkpoints(run_dir) if p not in done]
-        if partial:
-            log.warning("ignoring incomplete checkpoint(s) %s (killed while saving)", ", ".join(sorted(partial)))
-        return done[-1] if done else None
-    path = Path(resume)
-    if not rundir.is_complete(path):
-        raise ConfigError(f"train.resume: {path} is not a complete longctx checkpoint (no {rundir.COMPLETE})")
-    return path
+@dataclass
+class Start:
+    """Where a run starts, decided by the main process under the run directory's claim."""
+
+    checkpoint: Path | None  # continue from it; None: from step 0
+    run_id: str  # made at a fresh start, kept across resumes (in every completion marker)
+    finished: Path | None = None  # final/ of a run already at train.max_steps: nothing to train
+    set_aside: list[Path] = field(default_factory=list)  # moved to RUN/superseded/ before training
+    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint name -> why resume passed over it
+
+
+def resolve_resume(cfg: Config) -> Start:
+    """Where the run starts. Reads the run directory and changes nothing (`prepare_run_dir` acts on the answer).
+
+    - off: a new run; what an earlier run left here (checkpoints, final/, eval/) is set aside, never mixed in;
+    - a path: that checkpoint, which must be intact (ConfigError naming the file otherwise);
+    - auto: a finished run (final/ of this run at train.max_steps or beyond) stays finished; else the newest
+      complete checkpoint that is of this directory's run, intact, and not past train.max_steps, each one passed
+      over with its reason; complete checkpoints but none usable is an error, no checkpoint a fresh start.
+    """
+    t, run = cfg.train, Path(cfg.train.output_dir)
+    current = rundir.read_run_id(run)
+    if t.resume in (None, "off", "false", "no"):
+        return Start(None, _new_run_id(), set_aside=_earlier_run(run))
+    if t.resume != "auto":
+        return _explicit_resume(Path(t.resume), run, current)
+    final = rundir.final_dir(run)
+    info = rundir.read_info(final)
+    if info is not None and (current is None or info.get("run_id") in (None, current)) \
+            and info.get("steps", 0) >= t.max_steps:
+        return Start(None, current or info.get("run_id") or _new_run_id(), finished=final)
+    skipped, chosen = {}, None
+    for ckpt in reversed(rundir.complete_checkpoints(run)):  # newest first
+        why = _unusable(ckpt, current, t.max_steps)
+        if why is None:
+            chosen = ckpt
+            break
+        skipped[ckpt.name] = why
+    if chosen is None and skipped:
+        lines = "\n".join(f"  - {name}: {why}" for name, why in skipped.items())
+        raise ConfigError(f"train.resume=auto: no checkpoint in {run} can be resumed:\n{lines}\ncontinue from one "
+                          f"written by an older longctx with train.resume=PATH, or start over with train.resume=off "
+                          f"(the old files move to {rundir.superseded_dir(run)})")
+    if chosen is None and info is not None:
+        raise ConfigError(f"train.max_steps={t.max_steps}: {final} holds step {info.get('steps')} and no checkpoint is "
+                          f"left to continue from; start over with train.resume=off (final/ moves to "
+                          f"{rundir.superseded_dir(run)}) or choose another train.output_dir")
+    if chosen is None:
+        return Start(None, _new_run_id())
+    run_id = (rundir.read_complete(chosen) or {}).get("run_id") or current or _new_run_id()
+    return Start(chosen, run_id, set_aside=[run / name for name in skipped], skipped=skipped)
+
+
+def _unusable(ckpt: Path, current: str | None, max_steps: int) -> str | None:
+    """Why `resume: auto` must not continue from a complete checkpoint, None when it may."""
+    step = rundir.checkpoint_step(ckpt)
+    if step > max_steps:
+        return f"step {step} is past train.max_steps={max_steps}"
+    run_id = (rundir.read_complete(ckpt) or {}).get("run_id")
+    if current is not None and run_id is not None and run_id != current:
+        return f"it belongs to run {run_id}, and {rundir.RUN_INFO} says this directory holds run {current}"
+    return rundir.verify(ckpt)
+
+
+def _explicit_resume(path: Path, run: Path, current: str | None) -> Start:
+    if not path.is_dir():
+        raise ConfigError(f"train.resume: {path} does not exist or is not a checkpoint directory")
+    marker = rundir.read_complete(path) or {}
+    problem = rundir.verify(path)
+    if problem and not (marker and "files" not in marker):  # a marker without manifest: older longctx, below
+        raise ConfigError(f"train.resume: {path} cannot be resumed: {problem}")
+    if problem:
+        log.warning("train.resume: %s was written by an older longctx: %s; its files are not verified", path,
+                    problem)
+    run_id = marker.get("run_id") or current or _new_run_id()
+    if path.resolve().parent == run.resolve():  # later checkpoints of this directory would be overwritten
+        step = rundir.checkpoint_step(path)
+        later = [c for c in rundir.checkpoints(run) if step is not None and rundir.checkpoint_step(c) > step]
+        return Start(path, run_id, set_aside=[c for c in later if rundir.is_complete(c)])
+    return Start(path, run_id, set_aside=_earlier_run(run))  # what this directory holds is another run's
+
+
+def _earlier_run(run: Path) -> list[Path]:
+    """What a run that trained in `run` left there, when it left checkpoints, final/ or eval/ (with its config.yaml
+    and run.json, so the set-aside directory says what it was)."""
+    results = rundir.checkpoints(run) + [p for p in (rundir.final_dir(run), rundir.eval_dir(run)) if p.exists()]
+    if not results:
+        return []
+    return results + [p for p in (run / rundir.CONFIG, rundir.run_info_path(run)) if p.exists()]
+
+
+def _new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def prepare_run_dir(cfg: Config) -> Start:
+    """The main process, holding the claim: decide where the run starts, say why, and tidy the run directory for
+    it (set aside what must not be mixed in, remove the leftovers of killed saves and deletions)."""
+    start = resolve_resume(cfg)
+    run = Path(cfg.train.output_dir)
+    for name, why in start.skipped.items():
+        log.warning("not resuming from %s: %s", name, why)
+    if start.finished is not None:
+        return start
+    if start.checkpoint is not None:
+        check_resume_compatible(cfg, start.checkpoint)
+    if start.set_aside:
+        dest = rundir.set_aside(run, start.set_aside, rundir.read_run_id(run) or "earlier")
+        log.warning("moved %s out of the way, to %s", ", ".join(p.name for p in start.set_aside), dest)
+    gone = rundir.remove_leftovers(run)
+    if gone:
+        log.warning("ignoring incomplete checkpoint(s) %s (killed while saving or deleting): removed", ", ".join(gone))
+    if start.checkpoint is not None:
+        log.info("resuming from %s (run %s)", start.checkpoint, start.run_id)
+    else:
+        log.info("starting run %s at step 0 in %s", start.run_id, run)
+    rundir.write_run_id(run, start.run_id)
+    return start
+
+
+def _clear_final(run: Path) -> None:
+    """Before final/ is written: a complete final/ of earlier training and eval/ are set aside (final/ is never
+    overwritten silently), an incomplete one (a killed save) is removed."""
+    final, ev = rundir.final_dir(run), rundir.eval_dir(run)
+    info = rundir.read_info(final)
+    if info is None and final.exists():
+        shutil.rmtree(final)
+    old = [p for p in (final, ev) if p.exists()]
+    if old:
+        dest = rundir.set_aside(run, old, "final")
+        log.warning("%s of earlier training (final/ at step %s) moved to %s", " and ".join(p.name + "/" for p in old),
+                    (info or {}).get("steps", "?"), dest)
 
 
 def check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
@@ -93,10 +215,13 @@ def _get(d: dict, dotted: str):
 # Callbacks
 
 class CheckpointExtras(TrainerCallback):
-    """Adds the embed/norm weights, the config and a completion marker to every checkpoint."""
+    """Adds the embed/norm weights and the config to every checkpoint, marks it complete (its manifest and the run
+    id, rundir.write_complete), and only then deletes checkpoints beyond the newest `keep` (train.save_total_limit).
+    Trainer's own rotation stays off: it deletes old checkpoints inside its save, before this marker exists, so a
+    kill between the two left no complete checkpoint (issue 18)."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, config_yaml: str, run_id: str, keep: int | None = None):
+        self.config_yaml, self.run_id, self.keep = config_yaml, run_id, keep
 
     def on_save(self, args, state, control, model=None, **kwargs):
         ckpt = rundir.checkpoint_dir(args.output_dir, state.global_step)
@@ -105,11 +230,26 @@ class CheckpointExtras(TrainerCallback):
         if dist.is_main():
             if state_dict:
                 save_file({k: v.contiguous() for k, v in state_dict.items()}, str(ckpt / rundir.TRAINABLE))
-            (ckpt / rundir.CHECKPOINT_CONFIG).write_text(self.cfg.to_yaml())
-            tmp = ckpt / (rundir.COMPLETE + ".tmp")
-            tmp.write_text(json.dumps({"step": state.global_step, "time": time.time()}))
-            os.replace(tmp, ckpt / rundir.COMPLETE)
+            (ckpt / rundir.CHECKPOINT_CONFIG).write_text(self.config_yaml)
+            rundir.write_complete(ckpt, state.global_step, self.run_id)
+            if self.keep:
+                gone = rundir.rotate(args.output_dir, self.keep)
+                if gone:
+                    log.info("deleted %s (train.save_total_limit=%d)", ", ".join(gone), self.keep)
         dist.barrier()
+
+
+class AtMaxSteps(Exception):
+    """The checkpoint a run resumed from is already at train.max_steps."""
+
+
+class NoStepPastMaxSteps(TrainerCallback):
+    """Trainer resumed at max_steps takes one more step (it checks the limit only after a step): stop it before.
+    Trainer has loaded the checkpoint by on_train_begin, so final/ can be written from it (issue 18 item 4)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise AtMaxSteps(f"the checkpoint is at step {state.global_step}, train.max_steps={state.max_steps}")
 
 
 class Throughput(TrainerCallback):
@@ -135,13 +275,21 @@ class Throughput(TrainerCallback):
                     last["tokens_per_s"] = logs["tokens_per_s"]
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class Preemption(TrainerCallback):
-    """SIGTERM / SIGUSR1: finish the step, save a checkpoint, stop; the run then exits 0."""
+    """SIGTERM / SIGUSR1: finish the step, save a checkpoint, stop; the run then exits 0. Installs its handlers when
+    built; `restore()` puts the previous ones back (train() does when it ends, however it ends)."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
@@ -155,6 +303,25 @@ class Preemption(TrainerCallback):
             self.requested = True
             control.should_save = True
             control.should_training_stop = True
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGUSR1 arrived inside `stop_on_signals()`."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside the block SIGTERM / SIGUSR1 raise Stopped at once (where Preemption lets a training step finish and
+    save): for work that is simply redone by a rerun, such as the evaluation after training. Handlers restored."""
+    def handle(signum, frame):
+        raise Stopped(f"received {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handle) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class LongctxTrainer(Trainer):
@@ -273,7 +440,8 @@ def training_arguments(cfg: Config) -> TrainingArguments:
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         bf16=t.bf16, fp16=t.fp16, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed, deepspeed=t.deepspeed,
+        save_total_limit=None,  # CheckpointExtras rotates (train.save_total_limit) once the new checkpoint is complete
+        seed=t.seed, data_seed=t.seed, deepspeed=t.deepspeed,
         report_to=t.report_to or "none", dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False, logging_nan_inf_filter=False, disable_tqdm=not dist.is_main(),
         gradient_checkpointing=False,  # model_lib.prepare_for_training enables it (non-reentrant)
@@ -282,16 +450,30 @@ def training_arguments(cfg: Config) -> TrainingArguments:
 
 
 def train(cfg: Config) -> Path:
-    """Run training from a validated config; returns RUN/final."""
+    """Run training from a validated config; returns RUN/final, or RUN when a signal stopped training (rerun the
+    same command to go on). The run directory stays claimed by this process until it exits (`rundir.release`)."""
     run_dir = Path(cfg.train.output_dir)
     if cfg.rope.rope_type == "dynamic":
         raise ConfigError("rope.rope_type: dynamic changes with batch length and is not KV-cache consistent; train "
                           "with a static type (linear, ntk, yarn, llama3, longrope) and keep dynamic for evaluation")
-    checkpoint = resolve_resume(cfg)
-    if checkpoint is not None:
-        check_resume_compatible(cfg, checkpoint)
+    # TrainingArguments before the model: under ZeRO-3 transformers then loads the weights already partitioned
+    # (zero.Init) instead of a full copy per rank. Building them also starts torch.distributed under torchrun.
+    if cfg.train.deepspeed and dist.world_size() > 1:
+        import deepspeed
+
+        deepspeed.init_distributed()  # zero.Init (below) reads the world size when the model is built
+    args = training_arguments(cfg)
+    m = cfg.model
+    model_config = model_lib.read_config(m.name_or_path, m.gguf_file, m.trust_remote_code)  # exit 2 before writing
+    patch.check_supported(model_config)
+    dist.on_main(lambda: rundir.claim(run_dir))  # one live run per directory: rank 0 holds it, all ranks stop if taken
+    start = dist.on_main(lambda: prepare_run_dir(cfg))
+    if start.finished is not None:
+        if dist.is_main():
+            log.info("%s is finished: final/ holds step %s (train.max_steps=%d); nothing to train", run_dir,
+                     rundir.read_info(start.finished).get("steps"), cfg.train.max_steps)
+        return start.finished
     if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / rundir.CONFIG).write_text(cfg.to_yaml())
     if "wandb" in cfg.train.report_to:
         os.environ.setdefault("WANDB_DIR", str(run_dir))
@@ -299,17 +481,9 @@ def train(cfg: Config) -> Path:
             os.environ["WANDB_MODE"] = "offline"  # no key: the run lands under RUN/wandb, sync it later
 
     set_seed(cfg.train.seed)  # before the model exists: LoRA's A matrices are drawn at init
-    # TrainingArguments before the model: under ZeRO-3 transformers then loads the weights already partitioned
-    # (zero.Init) instead of a full copy per rank.
-    if cfg.train.deepspeed and dist.world_size() > 1:
-        import deepspeed
-
-        deepspeed.init_distributed()  # zero.Init (below) reads the world size when the model is built
-    args = training_arguments(cfg)
     world = args.world_size
-    if dist.is_main():
-        plan.warn_if_too_big(cfg, world)  # advice only: one WARNING line when the predicted peak won't fit
-    m = cfg.model
+    if dist.is_main():  # advice only: one WARNING line when the predicted peak won't fit
+        plan.warn_if_too_big(model_config, world, **plan.plan_arguments(cfg))
     tokenizer = model_lib.load_tokenizer(m.tokenizer or m.name_or_path, gguf_file=m.gguf_file,
                                          trust_remote_code=m.trust_remote_code)
     model = model_lib.load_model(m.name_or_path, dtype=m.dtype, quantization=m.quantization, gguf_file=m.gguf_file,
@@ -323,6 +497,7 @@ def train(cfg: Config) -> Path:
         except ValueError as e:  # a target module or trainable_params substring the model does not have
             raise ConfigError(f"lora: {e}") from None
     handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict())
+    checkpoint = start.checkpoint
     if checkpoint is not None and (checkpoint / rundir.TRAINABLE).is_file():
         with zero3_gathered(model, modify=True):
             model_lib.load_trainable_state_dict(model, load_file(str(checkpoint / rundir.TRAINABLE)))
@@ -336,23 +511,40 @@ def train(cfg: Config) -> Path:
                  f"{trainable:,}", f"{total:,}", 100 * trainable / total, cfg.train.per_device_train_batch_size,
                  cfg.train.gradient_accumulation_steps, world, tokens_per_step // cfg.train.seq_len,
                  cfg.train.seq_len)
-    # ppl@L every eval.every steps and at the last step, to the trainer's loggers
-    ppl = evaluate.training_callback(cfg, tokenizer) if cfg.eval.lengths else None
-    callbacks = [CheckpointExtras(cfg), Throughput(tokens_per_step), Preemption()] + ([ppl] if ppl else [])
-    trainer = LongctxTrainer(
-        model=model, args=args, train_dataset=train_ds,
-        data_collator=data_lib.DataCollator(tokenizer.pad_token_id), callbacks=callbacks,
-        chunked_loss=cfg.train.chunked_loss, loss_chunk_size=cfg.train.loss_chunk_size,
-    )
-    if ppl is not None:
-        ppl.trainer = trainer  # it logs through trainer.log
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    preempted = any(isinstance(c, Preemption) and c.requested for c in trainer.callback_handler.callbacks)
-    if preempted:
-        log.warning("preempted: checkpoint saved in %s; rerun the same command to resume", run_dir)
-        return run_dir
-    final = save_final(cfg, trainer, handle, tokenizer)
-    return final
+    preemption = Preemption()
+    try:
+        callbacks = [NoStepPastMaxSteps(), CheckpointExtras(cfg.to_yaml(), start.run_id, cfg.train.save_total_limit),
+                     Throughput(tokens_per_step), preemption]
+        trainer = LongctxTrainer(
+            model=model, args=args, train_dataset=train_ds,
+            data_collator=data_lib.DataCollator(tokenizer.pad_token_id), callbacks=callbacks,
+            chunked_loss=cfg.train.chunked_loss, loss_chunk_size=cfg.train.loss_chunk_size,
+        )
+        if cfg.eval.lengths:  # ppl@L every eval.every steps and at the last step, to the trainer's loggers
+            e = cfg.eval
+            trainer.add_callback(evaluate.training_callback(
+                lambda: evaluate.run_eval_tokens(cfg, tokenizer), e.lengths, trainer.log, every=e.every,
+                stride=e.stride, max_tokens=e.max_tokens))
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except AtMaxSteps as e:
+            if dist.is_main():
+                log.info("%s: writing final/ from %s without another step", e, checkpoint.name)
+        if preemption.requested and trainer.state.global_step < cfg.train.max_steps:
+            if dist.is_main():
+                log.warning("preempted: checkpoint saved in %s; rerun the same command to resume", run_dir)
+            return run_dir
+        if dist.is_main():
+            _clear_final(run_dir)
+        dist.barrier()
+        final = save_final(cfg, trainer, handle, tokenizer, run_id=start.run_id)
+        if preemption.requested:  # at the last step, or while final/ was written: the evaluation is left to a rerun
+            if dist.is_main():
+                log.warning("stopped by a signal at the last step: final/ written; rerun the same command to evaluate")
+            return run_dir
+        return final
+    finally:
+        preemption.restore()
 
 
 def _dataset(cfg: Config, tokenizer, split: str):
@@ -369,8 +561,10 @@ def _dataset(cfg: Config, tokenizer, split: str):
                                            document_aware=d.document_aware, **common)
 
 
-def save_final(cfg: Config, trainer: Trainer, handle, tokenizer) -> Path:
-    """RUN/final: adapter (or full weights), embed/norm weights, tokenizer and longctx.json."""
+def save_final(cfg: Config, trainer: Trainer, handle, tokenizer, run_id: str | None = None) -> Path:
+    """RUN/final: adapter (or full weights), embed/norm weights, tokenizer and longctx.json (written last: final/
+    without it is incomplete). A local base model is recorded as an absolute path (a hub id as it is), so final/
+    evaluates and exports from any working directory."""
     final = rundir.final_dir(cfg.train.output_dir)
     trainer.save_model(str(final))
     state_dict = trainable_state(trainer.model) if cfg.lora.enabled else {}
@@ -378,7 +572,8 @@ def save_final(cfg: Config, trainer: Trainer, handle, tokenizer) -> Path:
         if state_dict:
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / rundir.TRAINABLE))
         tokenizer.save_pretrained(str(final))
-        info = {"base_model": cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file,
+        info = {"base_model": model_lib.absolute_source(cfg.model.name_or_path), "gguf_file": cfg.model.gguf_file,
+                "run_id": run_id, "cwd": os.getcwd(),
                 "train_seq_len": cfg.train.seq_len, "lora": cfg.lora.enabled, **handle.longctx_json(),
                 "steps": trainer.state.global_step, "config": cfg.model_dump(mode="json")}
         rundir.info_path(final).write_text(json.dumps(info, indent=1))

@@ -35,7 +35,31 @@ BAD = [
     (["train.bf16=true", "train.fp16=true"], ["train.bf16 and train.fp16: choose at most one"]),
     (["train.deepspeed=configs/deepspeed/nope.json"], ["train.deepspeed: file not found: configs/deepspeed/nope.json"]),
     (["attention.type=sparse"], ["attention.type: must be 's2' or 'full'"]),
-    (["eval.lengths=[256, 0]"], ["eval.lengths: every length must be >= 2"]),
+    (["eval.lengths=[256, 0]"], ["eval.lengths: every value must be in [2, 16777216], got [256, 0]"]),
+    # issue 18 item 10: values that used to pass validation and crash later
+    (["rope.rope_type=yarn", "rope.factor=.inf"], ["rope.factor: Input should be a finite number"]),
+    (["rope.rope_type=yarn", "rope.factor=.nan"], ["rope.factor: Input should be a finite number"]),
+    (["train.learning_rate=.nan"], ["train.learning_rate: Input should be a finite number"]),
+    (["lora.alpha=.nan"], ["lora.alpha: Input should be a finite number"]),
+    (["lora.alpha=0"], ["lora.alpha: must be > 0, got 0"]),
+    (["train.warmup_steps=-1"], ["train.warmup_steps: must be >= 0, got -1"]),
+    (["rope.rope_type=yarn", "rope.original_max_position_embeddings=0"],
+     ["rope.original_max_position_embeddings: must be in [1, 16777216], got 0"]),
+    (["train.max_grad_norm=.nan"], ["train.max_grad_norm: Input should be a finite number"]),
+    (["train.max_grad_norm=-1"], ["train.max_grad_norm: must be >= 0, got -1"]),
+    (["eval.lengths=[1000000000000]"], ["eval.lengths: every value must be in [2, 16777216]"]),
+    (["train.seq_len=99999999999"], ["train.seq_len: must be in [2, 16777216], got 99999999999"]),
+    (["train.adam_beta2=1"], ["train.adam_beta2: must be in [0, 1), got 1"]),
+    (["train.save_total_limit=0"], ["train.save_total_limit: must be >= 1, got 0"]),
+    (["train.seed=-1"], ["train.seed: must be in [0, 4294967295], got -1"]),
+    (["eval.stride=0", "eval.max_tokens=-5"], ["eval.stride: must be >= 1, got 0", "eval.max_tokens: must be >= 1"]),
+    (["rope.rope_type=yarn", "rope.beta_fast=-1"], ["rope.beta_fast: must be > 0, got -1"]),
+    (["rope.rope_type=longrope", "rope.short_factor=[1, .nan]", "rope.long_factor=[1, 2]"],
+     ["rope.short_factor.1: Input should be a finite number"]),
+    # issue 18 item 13: an SFT prompt template with a placeholder nothing fills in
+    (["data.prompt_template='### {instruction}{context}'"],
+     ["data.prompt_template: unknown placeholder {context}", "allowed: {instruction}, {input}"]),
+    (["data.prompt_template='[INST] {instruction {input}'"], ["data.prompt_template:", "literal brace"]),
     (["model=3"], ["model"]),
     (["train.seq_len"], ["override 'train.seq_len': expected key.path=value"]),
 ]
@@ -119,3 +143,86 @@ def test_resume_override_yaml_booleans(value, expected):
     # YAML turns `off` into False; the override the README documents must still mean "start fresh".
     cfg = load_config(None, overrides=["model.name_or_path=m", "train.seq_len=64", f"train.resume={value}"])
     assert cfg.train.resume == expected
+
+
+def test_every_numeric_field_has_a_range():
+    """Issue 18 item 10: a numeric field added without a range in config.RANGES fails here."""
+    import typing
+
+    from longctx.config import RANGES, RANGES_ELSEWHERE, Config
+
+    def numeric(annotation) -> bool:
+        args = typing.get_args(annotation)
+        return annotation in (int, float) or any(numeric(a) for a in args)
+
+    fields = [f"{section}.{name}" for section, sf in Config.model_fields.items()
+              for name, f in sf.annotation.model_fields.items()
+              if numeric(f.annotation) and f.annotation is not bool]
+    assert fields and "train.learning_rate" in fields and "eval.lengths" in fields
+    assert sorted(set(fields) - set(RANGES) - set(RANGES_ELSEWHERE)) == []
+    assert sorted(set(RANGES) - set(fields)) == []  # no stale entries
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_duplicate_key_is_refused_naming_it(tmp_path):
+    """Issue 18 item 6: a second `train:` section used to replace the first silently."""
+    dup = write(tmp_path, "model: {name_or_path: data/tiny-base}\ntrain:\n  seq_len: 1024\n  max_steps: 5\n"
+                          "rope: {rope_type: linear}\ntrain:\n  seq_len: 1024\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' at line 6 \(first at line 2\)"):
+        load_config(dup)
+    nested = write(tmp_path, "model: {name_or_path: data/tiny-base}\ntrain: {seq_len: 1024, seq_len: 2048}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'seq_len' at line 2"):
+        load_config(nested)
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):  # in an override's value too
+        load_config(data=BASE, overrides=["train.report_to={a: 1, a: 2}"])
+
+
+def test_yaml_merge_keys_still_override_key_by_key(tmp_path):
+    from longctx.config import load_yaml
+
+    assert load_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
+def billion_laughs(levels: int = 9) -> str:
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_gives_a_short_message_without_expanding(tmp_path):
+    """Issue 18 item 13: 10^10 strings if expanded; the loader counts the node graph instead."""
+    import time
+
+    from longctx.sweep import load_sweep
+
+    path = write(tmp_path, "model: {name_or_path: data/tiny-base}\ntrain: {seq_len: 1024}\n" + billion_laughs())
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert time.perf_counter() - t0 < 5
+    msg = str(info.value)
+    assert "aliases (*name) expand to more than 100,000 values" in msg and len(msg) < 400 and "lol" not in msg
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"base: {path}\noutput_dir: {tmp_path}/out\n" + billion_laughs())
+    with pytest.raises(ConfigError, match="alias bomb"):
+        load_sweep(sweep)
+
+
+def test_small_aliases_are_fine(tmp_path):
+    path = write(tmp_path, "model: {name_or_path: data/tiny-base}\ntrain: &t {seq_len: 1024}\n")
+    assert load_config(path).train.seq_len == 1024
+
+
+def test_cli_exits_2_on_a_duplicate_key_before_anything_runs(tmp_path, capsys):
+    from longctx.cli import main
+
+    path = write(tmp_path, "model: {name_or_path: data/tiny-base}\ntrain: {seq_len: 1024}\ntrain: {seq_len: 64}\n")
+    for command in (["train", str(path)], ["plan", str(path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "duplicate key 'train'" in err and "Traceback" not in err

@@ -250,36 +250,41 @@ def test_eval_passkey_cli_on_a_real_model(micro, tmp_path):
 class FakeTrainer:
     def __init__(self):
         self.logs = []
+        self.control = SimpleNamespace(should_log=True)
 
     def log(self, logs):
         self.logs.append(dict(logs))
+        self.control.should_log = False  # as Trainer.log does (its on_log)
 
 
 @pytest.mark.parametrize("every,steps", [(None, [5]), (2, [2, 4, 5])])
 def test_training_callback_schedule_and_train_mode(micro, corpus, tokenizer, every, steps):
     cfg = load_config(data={"model": {"name_or_path": str(micro)}, "data": {"train": str(corpus)},
-                            "train": {"seq_len": 64}, "eval": {"lengths": [32, 64], "every": every,
-                                                                "max_tokens": 100}})
-    cb = ev.training_callback(cfg, tokenizer)
-    cb.trainer = FakeTrainer()
+                            "train": {"seq_len": 64}, "eval": {"lengths": [32, 64]}})
+    trainer = FakeTrainer()
+    cb = ev.training_callback(lambda: ev.run_eval_tokens(cfg, tokenizer), [32, 64], trainer.log, every=every,
+                              max_tokens=100)
     model = load_model(str(micro)).train()
     cb.on_train_begin(None, None, None)
     logged = []
     for step in range(1, 6):
-        n = len(cb.trainer.logs)
-        cb.on_step_end(None, SimpleNamespace(global_step=step, max_steps=5), SimpleNamespace(), model=model)
+        n = len(trainer.logs)
+        trainer.control.should_log = True  # logging_steps=1: Trainer logs this step's loss after on_step_end
+        cb.on_step_end(None, SimpleNamespace(global_step=step, max_steps=5), trainer.control, model=model)
         assert model.training  # restored after evaluating in eval mode
-        logged += [step] if len(cb.trainer.logs) > n else []
+        assert trainer.control.should_log  # logging ppl did not cancel the loss log of the step
+        logged += [step] if len(trainer.logs) > n else []
     assert logged == steps
     expected = ev.perplexity(model, cb.tokens, 64, max_tokens=100)["ppl"]
-    assert set(cb.trainer.logs[-1]) == {"ppl@32", "ppl@64"} and cb.trainer.logs[-1]["ppl@64"] == expected
+    assert set(trainer.logs[-1]) == {"ppl@32", "ppl@64"} and trainer.logs[-1]["ppl@64"] == expected
 
 
 def test_training_callback_refuses_data_shorter_than_a_window(micro, corpus, tokenizer):
     cfg = load_config(data={"model": {"name_or_path": str(micro)}, "data": {"train": str(corpus)},
                             "train": {"seq_len": 64}, "eval": {"lengths": [10**6]}})
     with pytest.raises(Exception, match="fewer than one"):
-        ev.training_callback(cfg, tokenizer).on_train_begin(None, None, None)
+        ev.training_callback(lambda: ev.run_eval_tokens(cfg, tokenizer), [10**6], print).on_train_begin(
+            None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,8 +300,6 @@ def test_training_callback_refuses_data_shorter_than_a_window(micro, corpus, tok
      "--depths: every depth must be in [0, 1]"),
     (["eval", "passkey", "--model", "{micro}", "--lengths", "64", "--out", "{tmp}/o"],
      "cannot hold the passkey prompt"),
-    (["eval", "passkey", "--model", "{micro}", "--lengths", "512", "--trials", "0", "--out", "{tmp}/o"],
-     "--trials must be >= 1"),
 ])
 def test_bad_input_exits_2(micro, corpus, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, micro=micro, corpus=corpus) for a in argv]
@@ -306,7 +309,8 @@ def test_bad_input_exits_2(micro, corpus, tmp_path, capsys, argv, message):
 
 
 @pytest.mark.parametrize("flag,value", [("--lengths", "0"), ("--lengths", "-256"), ("--lengths", "a,b"),
-                                        ("--depths", "x")])
+                                        ("--lengths", "99999999999"), ("--depths", "x"), ("--trials", "0"),
+                                        ("--seed", "-1")])
 def test_bad_arguments_exit_2(micro, tmp_path, capsys, flag, value):
     argv = ["eval", "passkey", "--model", str(micro), "--out", str(tmp_path), "--lengths", "256", flag, value]
     with pytest.raises(SystemExit) as e:

@@ -60,3 +60,17 @@ def test_import_changes_nothing():
             "after = (dict(AttentionInterface._global_mapping), dict(vars(m.LlamaAttention))); "
             "assert before == after; assert 'longctx_s2' not in after[0]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_handle_is_a_context_manager_that_undoes_on_exit():
+    model = tiny_model(heads=4, kv_heads=2).train()
+    ids = torch.randint(0, 97, (1, 32))
+    before = model(input_ids=ids, use_cache=False).logits
+    with longctx.apply(model, rope={"rope_type": "linear", "factor": 2.0}, attention={"type": "s2"}) as handle:
+        assert handle.rope.factor == 2.0 and model.config._attn_implementation == "longctx_s2"
+        assert not torch.equal(model(input_ids=ids, use_cache=False).logits, before)
+    assert torch.equal(model(input_ids=ids, use_cache=False).logits, before)
+    with pytest.raises(RuntimeError, match="inside"):  # undone on an exception too
+        with longctx.apply(model, rope={"rope_type": "linear", "factor": 2.0}):
+            raise RuntimeError("inside")
+    assert torch.equal(model(input_ids=ids, use_cache=False).logits, before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
@@ -202,16 +203,17 @@ def test_cli_refuses_a_lora_target_the_model_lacks(capsys):
 
 def test_train_warns_in_one_line_naming_longctx_plan(monkeypatch, caplog):
     monkeypatch.setattr(plan, "device_budget", lambda device: 1)
+    cfg = load_config(ROOT / "configs/quickstart.yaml")
     with caplog.at_level(logging.INFO, logger="longctx"):
-        plan.warn_if_too_big(load_config(ROOT / "configs/quickstart.yaml"), world_size=1)
+        plan.warn_if_too_big(plan.read_model_config(str(ROOT / "data/tiny-base")), 1, **plan.plan_arguments(cfg))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "longctx plan" in warnings[0] and "\n" not in warnings[0]
 
 
-def test_an_unreadable_model_never_stops_training(caplog):
-    cfg = load_config(ROOT / "configs/quickstart.yaml", overrides=["model.name_or_path=/nonexistent/model"])
+def test_an_unplannable_model_never_stops_training(caplog):
+    cfg = load_config(ROOT / "configs/quickstart.yaml")
     with caplog.at_level(logging.INFO, logger="longctx"):
-        plan.warn_if_too_big(cfg, world_size=1)  # logs and returns
+        plan.warn_if_too_big(SimpleNamespace(model_type="llama"), 1, **plan.plan_arguments(cfg))  # no shape: logs
     assert "memory plan skipped" in caplog.text
 
 
@@ -221,8 +223,8 @@ def test_train_consults_the_plan_before_loading_the_model(monkeypatch, tmp_path)
     class Stop(Exception):
         pass
 
-    def fake_warn(cfg, world_size):
-        calls.append(world_size)
+    def fake_warn(model_config, world_size, **settings):
+        calls.append((model_config.model_type, world_size, settings["seq_len"]))
         raise Stop
 
     monkeypatch.setattr(plan, "warn_if_too_big", fake_warn)
@@ -230,7 +232,7 @@ def test_train_consults_the_plan_before_loading_the_model(monkeypatch, tmp_path)
     cfg = load_config(ROOT / "configs/quickstart.yaml", overrides=[f"train.output_dir={tmp_path}"])
     with pytest.raises(Stop):
         trainer_lib.train(cfg)
-    assert calls == [1]
+    assert calls == [("llama", 1, cfg.train.seq_len)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

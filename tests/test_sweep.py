@@ -95,6 +95,16 @@ def test_dry_run_expands_grid_x_runs_and_launches_nothing(base, tmp_path, capsys
     ({"slurm": {"gpus": 8}}, "slurm.gpus: unknown key (did you mean slurm.gpus_per_node?)"),
     ({"executor": "k8s"}, "executor: Input should be 'local', 'slurm' or 'debug'"),
     ({"overrides": {"train.output_dir": "x"}}, "overrides.train.output_dir: set by the sweep"),
+    # issue 18 item 7: a whole-section override cannot move a run out of the sweep's directory either
+    ({"grid": {"train": [{"output_dir": "/tmp/elsewhere", "seq_len": 128}]}},
+     "grid.train: sets train.output_dir, which is set by the sweep"),
+    ({"runs": [{"train": {"output_dir": "../x"}}]}, "runs[0].train: sets train.output_dir"),
+    ({"overrides": {"train": {"seq_len": 128, "output_dir": "x"}}}, "overrides.train: sets train.output_dir"),
+    # issue 18 item 10: numbers checked in sweeps as in configs
+    ({"grid": {"rope.factor": [2, float("nan")]}}, "rope.factor: Input should be a finite number"),
+    ({"grid": {"train.warmup_steps": [-1]}}, "train.warmup_steps: must be >= 0, got -1"),
+    ({"slurm": {"mem_gb": float("nan")}}, "slurm.mem_gb: Input should be a finite number"),
+    ({"slurm": {"mem_gb": -4}}, "slurm.mem_gb: must be > 0, got -4"),
     ({"base": "nope.yaml"}, "base: config file not found: nope.yaml"),
 ])
 def test_bad_sweep_files_exit_2(base, tmp_path, capsys, fields, message):
@@ -102,6 +112,15 @@ def test_bad_sweep_files_exit_2(base, tmp_path, capsys, fields, message):
     rc, _, err = sweep_cli(capsys, write_sweep(tmp_path / "bad.yaml", **fields))
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_whole_train_section_in_the_grid_keeps_runs_in_the_sweep_directory(base, tmp_path):
+    train = {k: v for k, v in yaml.safe_load(Path(base).read_text())["train"].items() if k != "output_dir"}
+    path = write_sweep(tmp_path / "s.yaml", base=str(base), output_dir=str(tmp_path / "out"),
+                       grid={"train": [{**train, "max_steps": 3}, {**train, "max_steps": 4}]})
+    runs = sweep_lib.load_sweep(path).runs
+    assert [r.config.train.max_steps for r in runs] == [3, 4]
+    assert [r.config.train.output_dir for r in runs] == [str(tmp_path / "out" / r.name) for r in runs]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,7 +346,8 @@ def test_slurm_job_array_script(base, tmp_path, monkeypatch, capsys):
     joined = " ".join(argv)
     assert "-m torch.distributed.run --nproc_per_node 4 --nnodes 2 --node_rank 1 --rdzv_backend c10d" in joined
     assert "--rdzv_endpoint gpu-a:" in joined and argv[argv.index("--rdzv_id") + 1] == "4242_1"
-    assert f"train.py {base} train.output_dir={tmp_path / 'out' / job.name} train.resume=auto" in joined
+    assert f"train.py {base} train.resume=auto " in joined
+    assert joined.endswith(f" train.output_dir={tmp_path / 'out' / job.name}")  # last: no override can move it
     assert job.env["WANDB_RUN_GROUP"] == "out" and hasattr(job, "checkpoint")
     # a rerun while the array is still queued submits nothing
     (bin_ / "queue").write_text("4242_[0-3%2]\n")

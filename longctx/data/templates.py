@@ -94,7 +94,10 @@ TEMPLATE_NAMES = ("auto", "tokenizer", *TEMPLATES)
 
 def prompt_template_problem(template: str) -> str | None:
     """Why `template` is not a usable data.prompt_template, or None."""
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:  # an unbalanced brace
+        return f"{e} in {template!r} (write a literal brace as {{{{ or }}}})"
     if "instruction" not in fields:
         return f"must contain {{instruction}}, got {template!r}"
     unknown = sorted(fields - {"instruction", "input"})

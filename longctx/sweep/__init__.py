@@ -14,7 +14,7 @@ A sweep file (YAML, strict like the config: unknown keys are errors):
     max_parallel: 2                      # local: jobs at once
     slurm: {partition: gpu, nodes: 1, gpus_per_node: 8, time_min: 1440, array_parallelism: 8}
 
-Each run is its own process, `python train.py BASE train.output_dir=OUTPUT/<name> train.resume=auto k=v ...`
+Each run is its own process, `python train.py BASE train.resume=auto k=v ... train.output_dir=OUTPUT/<name>`
 (`torchrun` over the job's nodes and GPUs on SLURM), so runs are isolated from each other and from the launcher,
 and every launch of a run is a resume: a rerun skips finished runs and continues interrupted ones. On SLURM the
 runs are one job array; SIGUSR1 before the time limit is forwarded to the trainer (which saves a checkpoint and

@@ -16,7 +16,7 @@ from longctx.sweep.names import _names, _yaml
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SlurmSettings(_Strict):
@@ -111,21 +111,37 @@ def _file_problems(sf: SweepFile) -> list[str]:
         both = sorted(set(run) & set(sf.grid))
         if both:
             out.append(f"runs[{i}]: {', '.join(both)} also in grid; a key is either swept by the grid or set per run")
-    for where, keys in [("overrides", sf.overrides), ("grid", sf.grid)] + [(f"runs[{i}]", r)
-                                                                         for i, r in enumerate(sf.runs)]:
-        if "train.output_dir" in keys:
-            out.append(f"{where}.train.output_dir: set by the sweep (OUTPUT/<run name>); use output_dir instead")
+    settings = [("overrides", k, v) for k, v in sf.overrides.items()] + \
+        [("grid", k, v) for k, values in sf.grid.items() for v in values] + \
+        [(f"runs[{i}]", k, v) for i, r in enumerate(sf.runs) for k, v in r.items()]
+    for where, key in sorted({(where, key) for where, key, value in settings if _sets_output_dir(key, value)}):
+        how = "" if key.replace(" ", "") == "train.output_dir" else "sets train.output_dir, which is "
+        out.append(f"{where}.{key}: {how}set by the sweep (OUTPUT/<run name>); use the sweep's output_dir instead")
     if sf.max_parallel < 1:
         out.append(f"max_parallel: must be >= 1, got {sf.max_parallel}")
     s = sf.slurm
-    for key in ("nodes", "gpus_per_node", "time_min", "array_parallelism"):
-        if getattr(s, key) < 1:
+    for key in ("nodes", "gpus_per_node", "time_min", "array_parallelism", "cpus_per_task"):
+        if getattr(s, key) is not None and getattr(s, key) < 1:
             out.append(f"slurm.{key}: must be >= 1, got {getattr(s, key)}")
+    if s.mem_gb is not None and s.mem_gb <= 0:
+        out.append(f"slurm.mem_gb: must be > 0, got {s.mem_gb}")
+    if s.max_requeues < 0:
+        out.append(f"slurm.max_requeues: must be >= 0, got {s.max_requeues}")
     if not 0 <= s.signal_delay_s < s.time_min * 60:
         out.append(f"slurm.signal_delay_s: must be in [0, time_min * 60), got {s.signal_delay_s}")
     if not Path(sf.base).is_file():
         out.append(f"base: config file not found: {sf.base}")
     return out
+
+
+def _sets_output_dir(key: str, value: Any) -> bool:
+    """Whether the override `key: value` sets train.output_dir, however it is written: `train.output_dir: X`, or a
+    whole section, `train: {output_dir: X}` (a dotted override replaces what it names, sections included)."""
+    path = tuple(part.strip() for part in str(key).split("."))
+    if path == ("train", "output_dir"):
+        return True
+    return isinstance(value, dict) and path in ((), ("",), ("train",)) and \
+        any(_sets_output_dir(".".join(path + (str(k),)).strip("."), v) for k, v in value.items())
 
 
 def expand(sweep: Sweep) -> list[Run]:
@@ -138,8 +154,9 @@ def expand(sweep: Sweep) -> list[Run]:
     runs, errors = [], {}
     for name, own in zip(names, owns):
         run_dir = sweep.output_dir / name
-        args = [f"train.output_dir={run_dir}", "train.resume=auto"] + \
-               [f"{k}={_yaml(v)}" for k, v in {**sf.overrides, **own}.items()]
+        # train.output_dir last: whatever the overrides replace, every run writes in its own directory in OUTPUT
+        args = ["train.resume=auto"] + [f"{k}={_yaml(v)}" for k, v in {**sf.overrides, **own}.items()] + \
+               [f"train.output_dir={run_dir}"]
         try:
             cfg = load_config(sweep.base, overrides=args)
         except ConfigError as e:
@@ -147,6 +164,7 @@ def expand(sweep: Sweep) -> list[Run]:
             for line in (lines[1:] if lines[0].startswith("invalid config") else lines):
                 errors.setdefault(line.strip().removeprefix("- "), []).append(name)
             continue
+        assert Path(cfg.train.output_dir) == run_dir, (cfg.train.output_dir, run_dir)
         if sf.mode == "eval" and not cfg.eval.lengths:
             errors.setdefault("eval.lengths: an eval sweep needs evaluation lengths", []).append(name)
         runs.append(Run(name=name, own=own, dir=run_dir, args=args, config=cfg))

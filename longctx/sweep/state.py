@@ -1,5 +1,6 @@
-"""What a run directory says about a run: its newest complete checkpoint, whether it is finished, and whether a job
-of this machine is running it now (the RUNNING marker the job writes)."""
+"""What a run directory says about a run: its newest complete checkpoint, whether it is finished, and whether a
+process is running it now (the trainer's claim on the directory, or the RUNNING marker a job of this machine writes
+before its trainer starts)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from longctx import rundir
 from longctx.rundir import COMPLETE  # noqa: F401  (re-exported by longctx.sweep)
 from longctx.sweep.spec import Run
 
-RUNNING = ".sweep_running.json"  # in a run directory while a job of this machine runs it: {host, pids}
+RUNNING = rundir.SWEEP_RUNNING  # in a run directory while a job of this machine runs it: {host, pids}
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -53,9 +54,14 @@ def _pid_stamps(pids: list[int]) -> dict[str, float]:
 
 
 def running_here(run_dir: Path) -> str | None:
-    """'process PID' when a job on this machine is still running this run (or its trainer still saving)."""
+    """Who is running this run now: the live trainer that holds the run directory's claim (on any host that shares
+    the directory, started by a sweep or by hand; the trainer refuses a second one), or a job on this machine whose
+    trainer has not claimed it yet; None when nobody is."""
     import psutil
 
+    claimed = rundir.holder(run_dir)
+    if claimed:
+        return claimed
     info = _read_json(run_dir / RUNNING)
     if not isinstance(info, dict) or info.get("host") != _host():
         return None
