@@ -202,14 +202,17 @@ def passkey(model, tokenizer, lengths: list[int], depths: list[float], trials: i
 # ---------------------------------------------------------------------------------------------------------------
 # Loading what to evaluate
 
-def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", device: str | None = None):
-    """(model, tokenizer, label) from a run's final/ dir, an exported HF dir, or a base model (+ rope overrides).
+def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", device: str | None = None,
+                  method: dict | None = None):
+    """(model, tokenizer, label) from a run's final/ dir, an exported HF dir, or a base model (+ rope overrides and
+    a training-free method). Every eval command, `longctx generate` and the benchmarks load through here.
 
     A run's final/ is rebuilt as it was trained: the base model (never 4-bit: a QLoRA run is rebuilt on the
-    16-bit/float32 base), its LoRA adapter, the embed/norm weights and the rope scaling from longctx.json. A full
-    fine-tuning run's final/ holds the whole model. On the GPU when there is one (`device` overrides).
+    16-bit/float32 base), its LoRA adapter, the embed/norm weights, the rope scaling and a method trained with
+    (log-n) from longctx.json. A full fine-tuning run's final/ holds the whole model. `method` comes on top (the
+    returned "model" is then what the method evaluates with: the patched model, or NBCE's runner). On the GPU
+    when there is one (`device` overrides).
     """
-    import longctx
     from longctx import model as model_lib
 
     device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -231,9 +234,9 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
             model_lib.load_trainable_state_dict(model, load_file(str(extras)))
         user_rope = {k: v for k, v in (info.get("rope") or {}).items() if k not in ("head_dim",
                                                                                   "partial_rotary_factor")}
-        longctx.apply(model, rope=rope or user_rope or None)
         tokenizer = model_lib.load_tokenizer(str(p))
-        return model.to(device).eval(), tokenizer, p.parent.name + "/" + p.name
+        runner = apply_methods(model, rope or user_rope or None, [method, info.get("method")], tokenizer)
+        return runner.to(device).eval(), tokenizer, p.parent.name + "/" + p.name + _method_label(method)
     hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not path.endswith(".gguf")
     if not p.exists() and not hub_id:
         raise ConfigError(f"--model: {path} does not exist (expected a run's final/ directory, an exported model "
@@ -247,11 +250,36 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
         if p.exists():
             raise
         raise ConfigError(f"--model: {path} is not a local path and could not be loaded from the hub: {e}") from None
-    if rope:
-        longctx.apply(model, rope=rope)
     tokenizer = model_lib.load_tokenizer(path)
-    label = p.name + (f" {rope.get('rope_type')} x{rope.get('factor', '')}" if rope else "")
-    return model.to(device).eval(), tokenizer, label
+    runner = apply_methods(model, rope, [method], tokenizer)
+    label = p.name + (f" {rope.get('rope_type')} x{rope.get('factor', '')}" if rope else "") + _method_label(method)
+    return runner.to(device).eval(), tokenizer, label
+
+
+def apply_methods(model, rope: dict | None, methods: list, tokenizer):
+    """Apply the rope scaling and the methods (a CLI method and one trained with; logn last, since it wraps the
+    attention selected before it) to `model`; what to evaluate with."""
+    import longctx
+
+    specs = [m for m in methods if m]
+    specs = [m for i, m in enumerate(specs) if m not in specs[:i]]
+    specs.sort(key=lambda m: m["name"] == "logn")
+    if not specs:
+        handles = [longctx.apply(model, rope=rope)] if rope else []
+    else:  # the rope goes with the first method: rerope rotates with the scaled frequencies
+        handles = [longctx.apply(model, rope=rope, method=specs[0])]
+        handles += [longctx.apply(model, method=m) for m in specs[1:]]
+    for h in handles:
+        runner = h.runner(tokenizer)
+        if runner is not model:
+            return runner
+    return model
+
+
+def _method_label(method) -> str:
+    if not method:
+        return ""
+    return " " + " ".join([method["name"]] + [f"{k}={v}" for k, v in method.items() if k != "name"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,9 +440,9 @@ def _lengths(text: str) -> list[int]:
 
 
 def _rope_overrides(items: list[str] | None) -> dict | None:
-    """--rope rope_type=yarn factor=4 -> a validated rope dict (rope.* keys of the config)."""
-    from longctx.config import RopeConfig, _apply_override
-    from pydantic import ValidationError
+    """--rope rope_type=yarn factor=4 -> a validated rope dict (the rope.* keys of the config)."""
+    from longctx import rope as rope_registry
+    from longctx.config import _apply_override
 
     if not items:
         return None
@@ -422,17 +450,38 @@ def _rope_overrides(items: list[str] | None) -> dict | None:
     for item in items:
         _apply_override(raw, item if item.startswith("rope.") else "rope." + item)
     try:
-        return RopeConfig.model_validate(raw["rope"]).model_dump(exclude_none=True)
-    except ValidationError as e:
-        raise ConfigError(f"--rope: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+        return rope_registry.as_dict(rope_registry.parse(raw["rope"], prefix="--rope "))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def method_arg(tokens: list[str] | None) -> dict | None:
+    """--method NAME key=value ... -> a validated method dict (the config's method section)."""
+    from longctx import methods
+
+    if not tokens:
+        return None
+    try:
+        return methods.parse_cli(tokens).model_dump(exclude_none=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def add_method_args(p) -> None:
+    """--rope and --method, the same on every command that loads a model for evaluation or generation."""
+    from longctx import methods
+
+    p.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=yarn factor=4")
+    p.add_argument("--method", nargs="+", metavar="NAME [KEY=VALUE ...]",
+                   help=f"a training-free method: {', '.join(methods.METHODS)} (e.g. rerope window=64)")
 
 
 def cmd_ppl(args) -> int:
-    rope = _rope_overrides(args.rope)
+    rope, method = _rope_overrides(args.rope), method_arg(args.method)
     results = {}
     tokens = None
     for path in args.model:
-        model, tokenizer, label = load_for_eval(path, rope=rope, dtype=args.dtype)
+        model, tokenizer, label = load_for_eval(path, rope=rope, dtype=args.dtype, method=method)
         if tokens is None:
             tokens = eval_tokens(args.data, tokenizer, max(args.lengths), split=args.split)
         results[label] = [perplexity(model, tokens, L, args.stride, args.batch_size, args.max_tokens)
@@ -452,12 +501,12 @@ def _depths(text: str) -> list[float]:
 
 
 def cmd_passkey(args) -> int:
-    rope = _rope_overrides(args.rope)
+    rope, method = _rope_overrides(args.rope), method_arg(args.method)
     for d in args.depths:  # before the model loads
         if not 0.0 <= d <= 1.0:
             raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before "
                               f"the question), got {d:g}")
-    model, tokenizer, label = load_for_eval(args.model, rope=rope, dtype=args.dtype)
+    model, tokenizer, label = load_for_eval(args.model, rope=rope, dtype=args.dtype, method=method)
     result = {"model": label, **passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed)}
     write_passkey(result, Path(args.out))
     print((Path(args.out) / "passkey.md").read_text())
@@ -476,7 +525,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=None, help="scored-token budget per length")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=yarn factor=4")
+    add_method_args(p)
     p.add_argument("--add", nargs="*", help="earlier ppl.json files to draw on the same plot")
     p.add_argument("--out", required=True, help="output directory (ppl.json, ppl.md, ppl.png)")
     p.set_defaults(func=cmd_ppl)
@@ -489,6 +538,6 @@ def add_parsers(sub) -> None:
     k.add_argument("--trials", type=int, default=5, help="keys per (length, depth) (default 5)")
     k.add_argument("--seed", type=int, default=0, help="seed of the random keys")
     k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    k.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=dynamic factor=4")
+    add_method_args(k)
     k.add_argument("--out", required=True, help="output directory (passkey.json, passkey.md, passkey.png)")
     k.set_defaults(func=cmd_passkey)

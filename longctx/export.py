@@ -84,6 +84,11 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
         if not force:
             raise ConfigError(f"--out: {out} exists and is not empty; choose another directory or pass --force "
                               "(which writes over the files there)")
+    if info.get("method"):  # log-n: the only method a run trains with (config.train_problems)
+        name = info["method"]["name"]
+        raise ConfigError(f"export: {final} was trained with method {name} (queries scaled by position), which plain "
+                          "transformers cannot run and no config.json can carry; evaluate and generate with it "
+                          "through longctx (`longctx eval`, `longctx generate` rebuild it from RUN/final)")
     trained = int(info["train_seq_len"])
 
     model, tokenizer, _ = evaluate.load_for_eval(str(final), dtype="float32")

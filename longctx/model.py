@@ -23,6 +23,8 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from longctx import families
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LONGLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -68,7 +70,12 @@ def load_model(name_or_path: str, dtype: str = "float32", quantization: str | No
             bnb_4bit_compute_dtype=DTYPES[dtype])
         # A 4-bit model cannot be moved after loading: put it on this process's device now (LongQLoRA does the same).
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except ValueError as e:  # BLOOM and MPT have no SDPA path (ALiBi inside their own attention): their default
+        if "does not support an attention implementation" not in str(e):
+            raise
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **{**kwargs, "attn_implementation": None})
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None,
@@ -99,7 +106,8 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
              trainable_params: Sequence[str] = ("embed", "norm"), gradient_checkpointing: bool = True):
     """Wrap in PEFT LoRA (LongLoRA: r=8, alpha=16, q/k/v/o) and make embed/norm fully trainable; a PeftModel.
 
-    target_modules="all-linear" adapts every linear layer except the output head (PEFT's rule).
+    target_modules="all-linear" adapts every linear layer except the output head (PEFT's rule). The LongLoRA default
+    (q/k/v/o_proj) means the attention projections of BLOOM and MPT too (longctx.families.LORA_TARGETS).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -109,6 +117,9 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     prepare_for_training(model, gradient_checkpointing)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    model_type = getattr(model.config, "model_type", None)
+    if targets == list(LONGLORA_TARGETS) and model_type in families.LORA_TARGETS:
+        targets = list(families.LORA_TARGETS[model_type])  # BLOOM/MPT: their fused q/k/v and output projections
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
@@ -138,12 +149,14 @@ def make_trainable(model: torch.nn.Module, trainable_params: Sequence[str]) -> l
     """Set requires_grad on every non-LoRA parameter whose name contains one of the substrings; their names.
 
     In place, on the base model's own parameters: no copy (PEFT's modules_to_save would copy them, LongLoRA
-    #79) and a tied embedding stays tied, so lm_head trains with it.
+    #79) and a tied embedding stays tied, so lm_head trains with it. "embed" and "norm" also match BLOOM's ln_f
+    and MPT's wte (longctx.families.TRAINABLE_ALIASES).
     """
     params = {n: p for n, p in _named_parameters(model).items() if not _is_lora(n)}
+    aliases = families.TRAINABLE_ALIASES.get(getattr(_base(model).config, "model_type", None), {})
     names = []
     for key in trainable_params:
-        matched = [n for n in params if key in n]
+        matched = [n for n in params if any(k in n for k in aliases.get(key, (key,)))]
         if not matched:
             raise ValueError(f"trainable_params: {key!r} matches no parameter name; names look like "
                              f"{', '.join(list(params)[:3])}, ..., {list(params)[-1]}")

@@ -1,4 +1,5 @@
-"""A micro base model for end-to-end tests: a BPE tokenizer and a random 2-layer Llama, built in a second."""
+"""A micro base model for end-to-end tests: a BPE tokenizer and a random 2-layer Llama (or BLOOM, MPT: ALiBi), built
+in a second."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM,
+                          PreTrainedTokenizerFast)
 
 
-def make_micro_base(path: Path, max_pos: int = 64, seed: int = 0) -> Path:
-    """Save tokenizer + model to `path` (HF format) and return it."""
+def make_micro_base(path: Path, max_pos: int = 64, seed: int = 0, family: str = "llama") -> Path:
+    """Save tokenizer + model to `path` (HF format) and return it. BLOOM configs carry no context length."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "string.py", "bisect.py")]
     tok = Tokenizer(models.BPE())
@@ -21,11 +23,18 @@ def make_micro_base(path: Path, max_pos: int = 64, seed: int = 0) -> Path:
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
-    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                      intermediate_size=64, vocab_size=len(fast), max_position_embeddings=max_pos,
-                      tie_word_embeddings=True, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
-                      pad_token_id=fast.pad_token_id)
+    ids = dict(vocab_size=len(fast), eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
+               pad_token_id=fast.pad_token_id)
+    if family == "bloom":
+        cls, cfg = BloomForCausalLM, BloomConfig(hidden_size=32, n_head=4, n_layer=2, **ids)
+    elif family == "mpt":
+        cls, cfg = MptForCausalLM, MptConfig(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=max_pos,
+                                             **ids)
+    else:
+        cls, cfg = LlamaForCausalLM, LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                                 num_hidden_layers=2, intermediate_size=64, max_position_embeddings=max_pos,
+                                                 tie_word_embeddings=True, **ids)
     torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    cls(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path
