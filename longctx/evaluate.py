@@ -235,7 +235,8 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
         user_rope = {k: v for k, v in (info.get("rope") or {}).items() if k not in ("head_dim",
                                                                                   "partial_rotary_factor")}
         tokenizer = model_lib.load_tokenizer(str(p))
-        runner = apply_methods(model, rope or user_rope or None, [method, info.get("method")], tokenizer)
+        runner = apply_methods(model, rope or user_rope or None, [method, info.get("method")], tokenizer,
+                               always=True)
         return runner.to(device).eval(), tokenizer, p.parent.name + "/" + p.name + _method_label(method)
     hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not path.endswith(".gguf")
     if not p.exists() and not hub_id:
@@ -256,16 +257,17 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
     return runner.to(device).eval(), tokenizer, label
 
 
-def apply_methods(model, rope: dict | None, methods: list, tokenizer):
+def apply_methods(model, rope: dict | None, methods: list, tokenizer, always: bool = False):
     """Apply the rope scaling and the methods (a CLI method and one trained with; logn last, since it wraps the
-    attention selected before it) to `model`; what to evaluate with."""
+    attention selected before it) to `model`; what to evaluate with. `always`: call `longctx.apply` even with
+    nothing to apply (a run's model gets what longctx gives every model it trains, e.g. MPT past max_seq_len)."""
     import longctx
 
     specs = [m for m in methods if m]
     specs = [m for i, m in enumerate(specs) if m not in specs[:i]]
     specs.sort(key=lambda m: m["name"] == "logn")
     if not specs:
-        handles = [longctx.apply(model, rope=rope)] if rope else []
+        handles = [longctx.apply(model, rope=rope)] if rope or always else []
     else:  # the rope goes with the first method: rerope rotates with the scaled frequencies
         handles = [longctx.apply(model, rope=rope, method=specs[0])]
         handles += [longctx.apply(model, method=m) for m in specs[1:]]
@@ -277,9 +279,12 @@ def apply_methods(model, rope: dict | None, methods: list, tokenizer):
 
 
 def _method_label(method) -> str:
+    from longctx import methods
+
     if not method:
         return ""
-    return " " + " ".join([method["name"]] + [f"{k}={v}" for k, v in method.items() if k != "name"])
+    d = methods.parse(method).model_dump(exclude_none=True)  # every key, defaults included
+    return " " + " ".join([d.pop("name")] + [f"{k}={v}" for k, v in d.items()])
 
 
 # ---------------------------------------------------------------------------------------------------------------

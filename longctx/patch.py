@@ -27,6 +27,7 @@ from longctx import families
 from longctx import methods as method_registry
 from longctx import rope as rope_registry
 from longctx.config import ConfigError
+from longctx.methods import ntk_alibi
 from longctx.methods.rotary import attention_modules, rotary_modules
 
 SUPPORTED_MODEL_TYPES = families.ROPE + families.ALIBI
@@ -86,6 +87,8 @@ def apply(model: torch.nn.Module, rope: dict[str, Any] | BaseModel | None = None
             raise ConfigError(f"model type {config.model_type!r} uses ALiBi, not RoPE: {what} does not apply to "
                               "it; use attention.type: full for fine-tuning and the methods ntk_alibi, "
                               "dynamic_ntk_alibi or nbce for longer contexts")
+        if config.model_type == "mpt" and not (method and method_registry.parse(method).name.endswith("ntk_alibi")):
+            ntk_alibi.extend_mpt(base, handle._undo)  # its bias for the current length, not only max_seq_len
         if scaled:
             _apply_rope(base, rope, handle)
         if s2_on:

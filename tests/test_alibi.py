@@ -145,16 +145,20 @@ def test_nbce_runs_on_alibi():
     h.remove()
 
 
+@pytest.mark.slow  # training, then export's verification in a fresh process: about 25 s each on 2 CPU cores
 @pytest.mark.parametrize("family, names", [("bloom", ("word_embeddings", "ln_f", "input_layernorm")),
                                            ("mpt", ("wte", "norm_f", "norm_1"))])
 def test_fine_tune_with_lora_embed_norm_and_full_attention(family, names, corpus, tmp_path):
-    """3 steps of LongLoRA+ (LoRA on the fused attention projections, embed/norm trained) with full attention; the
-    run's final/ loads for evaluation and takes the ALiBi methods; S² is refused by name."""
+    """3 steps of LongLoRA+ (LoRA on the fused attention projections, embed/norm trained) with full attention at 64
+    tokens (MPT's max_seq_len is 32: it trains past it); the run's final/ loads for evaluation and takes the ALiBi
+    methods; export reproduces it in plain transformers; S² is refused by name."""
+    from longctx.export import export
+
     from longctx.config import ConfigError, load_config
     from longctx.evaluate import load_for_eval
     from longctx.trainer import train
 
-    base = make_micro_base(tmp_path / family, max_pos=64, family=family)
+    base = make_micro_base(tmp_path / family, max_pos=32, family=family)
     data = {"model": {"name_or_path": str(base)}, "attention": {"type": "full"},
             "data": {"train": str(corpus), "num_proc": 1},
             "train": {"output_dir": str(tmp_path / "run"), "seq_len": 64, "max_steps": 3, "warmup_steps": 0,
@@ -176,6 +180,10 @@ def test_fine_tune_with_lora_embed_norm_and_full_attention(family, names, corpus
     method = {"name": "ntk_alibi", "alpha": 2.0}
     model, tok, label = load_for_eval(str(final), method=method)
     assert torch.isfinite(model(input_ids=torch.tensor([tok("def f(x):").input_ids])).logits).all()
+    report = export(final, tmp_path / "hf")  # verified in a fresh process without longctx (else it raises)
+    assert report["max_abs_diff"] <= 1e-4 and report["tokens"] == 64
+    if family == "mpt":
+        assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_seq_len"] == 64
     with pytest.raises(ConfigError, match="uses ALiBi, not RoPE: S²-Attn"):
         train(load_config(data={**data, "attention": {"type": "s2"},
                                 "train": {**data["train"], "output_dir": str(tmp_path / "s2")}}))

@@ -3,8 +3,6 @@ training length, composed with S²-Attn in training, trained through the config,
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import longctx
+from longctx.cli import main
 from longctx.methods import logn
 from reference import dense_reference_attention, s2_rule_mask, tiny_model
 
@@ -97,7 +96,7 @@ def test_refuses_eager():
         longctx.apply(model, method={"name": "logn"})
 
 
-def test_trains_through_the_config_and_export_refuses(micro, corpus, tmp_path):
+def test_trains_through_the_config_and_export_refuses(micro, corpus, tmp_path, capsys):
     """`method: {name: logn}` in a training config: trained with it (recorded in longctx.json), rebuilt with it by
     evaluation, and `longctx export` exits 2 naming the reason."""
     from longctx.config import load_config
@@ -116,9 +115,8 @@ def test_trains_through_the_config_and_export_refuses(micro, corpus, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["name"] == "logn"
     model, _, _ = load_for_eval(str(final))
     assert model.get_base_model().config._attn_implementation == "longctx_logn+sdpa"
-    cli = "import sys; from longctx.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = subprocess.run([sys.executable, "-c", cli, "export", str(final), "--out", str(tmp_path / "hf")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2, r.stderr
-    assert "trained with method logn" in r.stderr and "Traceback" not in r.stderr
+    capsys.readouterr()
+    assert main(["export", str(final), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "error: export: " in err and "was trained with method logn" in err and "Traceback" not in err
     assert not (tmp_path / "hf").exists()

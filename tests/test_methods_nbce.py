@@ -147,6 +147,6 @@ def test_passkey_runs_through_nbce(micro):
     from longctx.evaluate import load_for_eval, passkey
 
     model, tok, label = load_for_eval(str(micro), method={"name": "nbce", "chunk": 32})
-    assert isinstance(model, nbce.NBCEModel) and label.endswith("nbce chunk=32")
+    assert isinstance(model, nbce.NBCEModel) and label.endswith("nbce beta=0.25 chunk=32 pool=min_entropy")
     result = passkey(model, tok, [200], [0.5], trials=1)
     assert result["cells"][0]["trials"] == 1 and isinstance(result["cells"][0]["answers"][0]["answer"], str)

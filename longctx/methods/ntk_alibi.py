@@ -91,7 +91,20 @@ def apply(model, spec: Params | DynamicParams, target, undo: list) -> None:
         return float(a) ** -power
 
     hook = _bloom_hook(heads, ratios) if family == "bloom" else _mpt_hook(heads, config, ratios)
-    blocks = model.transformer.h if family == "bloom" else model.transformer.blocks
+    _hook_blocks(model.transformer.h if family == "bloom" else model.transformer.blocks, hook, undo)
+
+
+def extend_mpt(model, undo: list) -> None:
+    """MPT at any length: its bias rebuilt for the current key length, unscaled (the same values wherever
+    transformers' own bias exists). `longctx.apply` installs it on every MPT model it touches: fine-tuning and
+    evaluating past max_seq_len need it."""
+    heads = model.config.n_heads
+    _hook_blocks(model.transformer.blocks, _mpt_hook(heads, model.config, lambda n: torch.ones(heads,
+                                                                                                dtype=torch.float64)),
+                 undo)
+
+
+def _hook_blocks(blocks, hook, undo: list) -> None:
     handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
 
     def remove():
