@@ -263,6 +263,7 @@ def apply_methods(model, rope: dict | None, methods: list, tokenizer, always: bo
     nothing to apply (a run's model gets what longctx gives every model it trains, e.g. MPT past max_seq_len)."""
     import longctx
 
+    always = always or getattr(model.config, "model_type", None) == "mpt"  # past max_seq_len: ALiBi, not an error
     specs = [m for m in methods if m]
     specs = [m for i, m in enumerate(specs) if m not in specs[:i]]
     specs.sort(key=lambda m: m["name"] == "logn")
