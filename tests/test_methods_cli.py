@@ -53,7 +53,8 @@ def test_eval_ppl_and_passkey_with_methods(micro, corpus, tmp_path, capsys):
     rc, out, err = run(capsys, "eval", "passkey", "--model", micro, "--lengths", "256", "--depths", "0.5",
                        "--trials", 1, "--method", "nbce", "chunk=32", "--out", tmp_path / "pk")
     assert rc == 0, err
-    assert json.loads((tmp_path / "pk" / "passkey.json").read_text())["model"].endswith("nbce beta=0.25 chunk=32 pool=min_entropy")
+    label = json.loads((tmp_path / "pk" / "passkey.json").read_text())["model"]
+    assert label.endswith("nbce beta=0.25 chunk=32 pool=min_entropy")
 
 
 BAD = [

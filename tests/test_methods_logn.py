@@ -8,12 +8,11 @@ import pytest
 import torch
 import yaml
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import longctx
 from longctx.cli import main
 from longctx.methods import logn
-from reference import dense_reference_attention, s2_rule_mask, tiny_model
+from reference import dense_reference_attention, left_padded, s2_rule_mask, select_attention, tiny_model
 
 L = 16
 
@@ -45,20 +44,14 @@ def logn_reference(train_length: int):
 def test_matches_reference_with_padding_and_is_exact_below_the_length():
     torch.manual_seed(0)
     model = tiny_model(layers=2, max_pos=L)
-    ids = torch.randint(0, 97, (2, 40))
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = left_padded(40, 6)
     plain = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     h = longctx.apply(model, method={"name": "logn", "train_length": L})
     assert model.config._attn_implementation == "longctx_logn+sdpa"
     ours = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     short = model(input_ids=ids[:, :L]).logits
     h.remove()
-    AttentionInterface.register("test_logn_reference", logn_reference(L))
-    AttentionMaskInterface.register("test_logn_reference",
-                                    lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
-    model.set_attn_implementation("test_logn_reference")
+    select_attention(model, "test_logn_reference", logn_reference(L))
     ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     model.set_attn_implementation("sdpa")
     real = mask.bool()

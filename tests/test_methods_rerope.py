@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import longctx
-from reference import tiny_model
+from reference import left_padded, select_attention, tiny_model
 
 L = 16
 BASE = 10000.0
@@ -78,24 +77,33 @@ def original_decoding(w: int, leak: float | None, logn_length: int | None = None
 
 
 def with_attention(model, name, fn, **inputs):
-    AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
     old = model.config._attn_implementation
-    model.set_attn_implementation(name)
+    select_attention(model, name, fn)
     try:
         return model(**inputs)
     finally:
         model.set_attn_implementation(old)
 
 
+def original_steps(model, prefill, step, ids, seq, n_steps):
+    """Cached decoding of `seq` from `ids` with `prefill` attention for the prompt and the original's decoding form
+    `step` after it: the logits of each step."""
+    AttentionInterface.register("test_rerope_original", step)
+    select_attention(model, "test_rerope_prefill", prefill)
+    out = model(input_ids=ids, use_cache=True)
+    model.set_attn_implementation("test_rerope_original")
+    logits = []
+    for k in range(1, n_steps):
+        out = model(input_ids=seq[:, ids.shape[1] - 1 + k:ids.shape[1] + k], cache=out.cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m["name"])
 def test_prefill_with_padding_matches_dense_reference(method):
     torch.manual_seed(0)
     model = tiny_model(layers=2, max_pos=L)
-    ids = torch.randint(0, 97, (2, 30))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = left_padded(30, 5)
     h = longctx.apply(model, method=method)
     ours = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     ref = with_attention(model, "test_rerope_dense", dense_reference(6, method.get("leak")), input_ids=ids,
@@ -133,14 +141,8 @@ def test_cached_decoding_matches_dense_reference_and_original_form(method):
         ref = with_attention(model, "test_rerope_dense", dense, input_ids=seq[:, :8 + k], use_cache=False).logits
         torch.testing.assert_close(steps[:, k], ref[:, -1], rtol=0, atol=1e-5)
     # the original's form for the steps; the prefill through the dense reference (its prefill form is ours)
-    AttentionInterface.register("test_rerope_dense", dense)
-    AttentionInterface.register("test_rerope_original", original_decoding(6, method.get("leak")))
-    model.set_attn_implementation("test_rerope_dense")
-    out = model(input_ids=ids, use_cache=True)
-    model.set_attn_implementation("test_rerope_original")
-    for k in range(1, steps.shape[1]):
-        out = model(input_ids=seq[:, 7 + k:8 + k], cache=out.cache, use_cache=True)
-        torch.testing.assert_close(steps[:, k], out.logits[:, -1], rtol=0, atol=1e-5)
+    original = original_steps(model, dense, original_decoding(6, method.get("leak")), ids, seq, steps.shape[1])
+    torch.testing.assert_close(steps[:, 1:], original, rtol=0, atol=1e-5)
     h.remove()
 
 
@@ -158,13 +160,8 @@ def test_with_logn_is_the_original_patch():
     dense = dense_reference(6, None, logn_length=L)
     ref = with_attention(model, "test_rerope_dense_logn", dense, input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(steps[:, 0], ref[:, -1], rtol=0, atol=1e-5)
-    AttentionInterface.register("test_rerope_original_logn", original_decoding(6, None, logn_length=L))
-    model.set_attn_implementation("test_rerope_dense_logn")
-    out = model(input_ids=ids, use_cache=True)
-    model.set_attn_implementation("test_rerope_original_logn")
-    for k in range(1, steps.shape[1]):
-        out = model(input_ids=seq[:, 19 + k:20 + k], cache=out.cache, use_cache=True)
-        torch.testing.assert_close(steps[:, k], out.logits[:, -1], rtol=0, atol=1e-5)
+    original = original_steps(model, dense, original_decoding(6, None, logn_length=L), ids, seq, steps.shape[1])
+    torch.testing.assert_close(steps[:, 1:], original, rtol=0, atol=1e-5)
     h1.remove()
 
 

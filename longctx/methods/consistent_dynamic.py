@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from longctx import rope
 from longctx.attention import S2Mask
@@ -32,15 +32,8 @@ NAME = "longctx_consistent_dynamic"
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Literal["consistent_dynamic"]
-    factor: float = Field(1.0, description="transformers' dynamic factor: alpha = factor * n / L - factor + 1 "
-                                           "(1: alpha = n / L, the YaRN paper's dynamic scaling).")
-
-    @field_validator("factor")
-    @classmethod
-    def _at_least_one(cls, v: float) -> float:
-        if v < 1:
-            raise ValueError(f"factor must be >= 1, got {v}")
-        return v
+    factor: float = Field(1.0, ge=1, description="transformers' dynamic factor: alpha = factor * n / L - factor + 1 "
+                                                 "(1: alpha = n / L, the YaRN paper's dynamic scaling).")
 
 
 def apply(model, spec: Params, target, undo: list) -> None:

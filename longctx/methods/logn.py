@@ -20,7 +20,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 PREFIX = "longctx_logn+"
 
@@ -28,15 +28,8 @@ PREFIX = "longctx_logn+"
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Literal["logn"]
-    train_length: int | None = Field(None, description="L in log(i + 1) / log(L); default: the model's original "
-                                                       "length.")
-
-    @field_validator("train_length")
-    @classmethod
-    def _at_least_two(cls, v: int | None) -> int | None:
-        if v is not None and v < 2:
-            raise ValueError(f"train_length must be >= 2, got {v}")
-        return v
+    train_length: int | None = Field(None, ge=2, description="L in log(i + 1) / log(L); default: the model's "
+                                                             "original length.")
 
 
 def scale(position_ids: torch.Tensor, train_length: int, dtype=torch.float64) -> torch.Tensor:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_ROWS = 16  # rows per forward when teacher forcing
 
@@ -38,15 +38,9 @@ class Params(BaseModel):
     name: Literal["nbce"]
     beta: float = Field(0.25, description="Weight of the unconditional row: (1 + beta) pooled - beta uncond "
                                           "(reference: 0.25).")
-    chunk: int | None = Field(None, description="Context tokens per row; default: the model's original length / 2.")
+    chunk: int | None = Field(None, ge=1, description="Context tokens per row; default: the model's original length "
+                                                      "/ 2.")
     pool: Literal["min_entropy", "mean"] = Field("min_entropy", description="How chunk rows are pooled per step.")
-
-    @field_validator("chunk")
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"chunk must be >= 1, got {v}")
-        return v
 
 
 def apply(model, spec: Params, target, undo: list) -> None:
@@ -108,12 +102,13 @@ class NBCEModel(torch.nn.Module):
         C, out = self.chunk, []
         for start in range(0, ids.numel(), C):
             block = ids[start:start + C]
-            chunks = ids[:start].view(-1, C) if start else ids[:0].view(0, C)
-            with_context = [self._logits(torch.cat([chunks[a:a + MAX_ROWS], block.expand(len(chunks[a:a + MAX_ROWS]),
-                                                                                          -1)], dim=1))[:, C:]
-                            for a in range(0, len(chunks), MAX_ROWS)]
-            rows = torch.cat(with_context + [self._logits(block[None])])
-            out.append(combine(rows, self.spec.beta, self.spec.pool))
+            chunks = ids[:start].view(-1, C)  # the blocks before this one: its context
+            rows = []
+            for a in range(0, len(chunks), MAX_ROWS):  # [chunk_j + block], at most MAX_ROWS rows per forward
+                part = chunks[a:a + MAX_ROWS]
+                rows.append(self._logits(torch.cat([part, block.expand(len(part), -1)], dim=1))[:, C:])
+            rows.append(self._logits(block[None]))  # the block alone, last
+            out.append(combine(torch.cat(rows), self.spec.beta, self.spec.pool))
         return torch.cat(out)
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:

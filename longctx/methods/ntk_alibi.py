@@ -33,28 +33,21 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Literal["ntk_alibi"]
-    alpha: float = Field(description="a: the flattest slope is divided by a (about target length / training "
-                                     "length; keezen: 2-4).")
-
-    @field_validator("alpha")
-    @classmethod
-    def _at_least_one(cls, v: float) -> float:
-        if v < 1:
-            raise ValueError(f"alpha must be >= 1, got {v}")
-        return v
+    alpha: float = Field(ge=1, description="a: the flattest slope is divided by a (about target length / training "
+                                           "length; keezen: 2-4).")
 
 
 class DynamicParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Literal["dynamic_ntk_alibi"]
-    train_length: int | None = Field(None, description="L in a = max(1, n / L); default: the model's training "
-                                                       "length (MPT: max_seq_len; BLOOM configs have none).")
+    train_length: int | None = Field(None, ge=1, description="L in a = max(1, n / L); default: the model's training "
+                                                             "length (MPT: max_seq_len; BLOOM configs have none).")
 
 
 def slope_places(family: str, heads: int) -> list[tuple[int, int]]:

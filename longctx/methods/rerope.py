@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from longctx import rope
 from longctx.methods import rotary
@@ -34,15 +34,8 @@ MAX_SCORES = 2 ** 24  # scores per chunk of queries (x2 matrices), bounds memory
 
 class _Window(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    window: int | None = Field(None, description="Relative positions from w on are rectified; default: the "
-                                                 "model's original length / 4 (Su's results: w = 1024 at 4096).")
-
-    @field_validator("window")
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"window must be >= 1, got {v}")
-        return v
+    window: int | None = Field(None, ge=1, description="Relative positions from w on are rectified; default: the "
+                                                       "model's original length / 4 (Su's results: w = 1024 at 4096).")
 
 
 class Params(_Window):
@@ -51,14 +44,7 @@ class Params(_Window):
 
 class LeakyParams(_Window):
     name: Literal["leaky_rerope"]
-    leak: float = Field(16.0, description="Beyond the window relative positions grow 1/leak as fast (Su: 16).")
-
-    @field_validator("leak")
-    @classmethod
-    def _leak(cls, v: float) -> float:
-        if v < 1:
-            raise ValueError(f"leak must be >= 1, got {v}")
-        return v
+    leak: float = Field(16.0, ge=1, description="Beyond the window relative positions grow 1/leak as fast (Su: 16).")
 
 
 @dataclass(frozen=True)
