@@ -58,7 +58,7 @@ class Handle:
     def longctx_json(self) -> dict[str, Any]:
         """What RUN/final/longctx.json records about the patch."""
         config = _base(self.model).config
-        return {"rope": self.rope.spec.model_dump(exclude_none=True) if self.rope else None,
+        return {"rope": rope_registry.as_dict(self.rope.spec) if self.rope else None,
                 "rope_parameters": getattr(config, "rope_parameters", None),
                 "attention": self.attention,
                 "method": self.method.model_dump(exclude_none=True) if self.method else None}

@@ -290,5 +290,7 @@ def resolve(d: dict[str, Any] | BaseModel | None, model_config, check_target: bo
 
 
 def as_dict(spec: BaseModel | None) -> dict[str, Any] | None:
-    """A spec as `longctx.apply(rope=...)` and longctx.json take it; None for 'none'."""
-    return None if spec is None or spec.rope_type == "none" else spec.model_dump(exclude_none=True)
+    """A spec as `longctx.apply(rope=...)` and longctx.json take it, rope_type first; None for 'none'."""
+    if spec is None or spec.rope_type == "none":
+        return None
+    return {"rope_type": spec.rope_type, **spec.model_dump(exclude_none=True, exclude={"rope_type"})}
