@@ -1,4 +1,4 @@
-"""The `longctx` command: train, eval, export, sweep, plan.
+"""The `longctx` command: train, eval, generate, export, sweep, plan.
 
 Exit codes: 0 success; 2 invalid config or input (one readable message, no traceback); 1 any other failure.
 """
@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 rope.factor=4")
     t.set_defaults(func=cmd_train)
 
-    from longctx import evaluate, export, plan, sweep
+    from longctx import evaluate, export, generate, plan, sweep
 
     evaluate.add_parsers(sub)
+    generate.add_parser(sub)
     export.add_parser(sub)
     sweep.add_parsers(sub)
     plan.add_parser(sub)

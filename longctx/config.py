@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from longctx import methods as method_registry
 from longctx import rope as rope_registry
 from longctx.errors import validation_messages
 
@@ -38,27 +39,6 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype of the base model.")
     quantization: Literal["4bit"] | None = Field(None, description="'4bit': bitsandbytes NF4 with double quantization (QLoRA).")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you need it.")
-
-
-class RopeConfig(_Section):
-    """Keys use transformers' `rope_parameters` names; `alpha` (static NTK) and `max_position_embeddings` are ours."""
-
-    rope_type: str = Field("none", description=f"One of: {', '.join(rope_registry.ROPE_TYPES)}.")
-    factor: float | None = Field(None, description="Scale factor; default max_position_embeddings / original (a float, never a ceil).")
-    original_max_position_embeddings: int | None = Field(None, description="Pretrained context length; default: the model config's max_position_embeddings.")
-    max_position_embeddings: int | None = Field(None, description="Target context length written to the config; default train.seq_len.")
-    rope_theta: float | None = Field(None, description="Base; default: the model's own.")
-    alpha: float | None = Field(None, description="ntk: base' = base * alpha^(d/(d-2)); default factor.")
-    attention_factor: float | None = Field(None, description="yarn/longrope: cos/sin multiplier; default from the paper's formula.")
-    beta_fast: float | None = Field(None, description="yarn: rotations above which pairs extrapolate (default 32).")
-    beta_slow: float | None = Field(None, description="yarn: rotations below which pairs interpolate (default 1).")
-    mscale: float | None = Field(None, description="yarn (DeepSeek): mscale.")
-    mscale_all_dim: float | None = Field(None, description="yarn (DeepSeek): mscale_all_dim.")
-    truncate: bool | None = Field(None, description="yarn: round the correction range (default true).")
-    low_freq_factor: float | None = Field(None, description="llama3: wavelength threshold L/low_freq_factor (Llama-3.1: 1).")
-    high_freq_factor: float | None = Field(None, description="llama3: wavelength threshold L/high_freq_factor (Llama-3.1: 4).")
-    short_factor: list[float] | None = Field(None, description="longrope: per-pair factors up to the original length.")
-    long_factor: list[float] | None = Field(None, description="longrope: per-pair factors beyond the original length.")
 
 
 class AttentionConfig(_Section):
@@ -161,7 +141,11 @@ class EvalConfig(_Section):
 
 class Config(_Section):
     model: ModelConfig
-    rope: RopeConfig = RopeConfig()
+    rope: rope_registry.RopeSpec = Field(rope_registry.NoneRope(), description=(
+        "RoPE scaling, keyed by rope_type: " + "; ".join(f"{k}: {v.doc}" for k, v in rope_registry.SCHEMES.items())))
+    method: method_registry.MethodSpec | None = Field(None, description=(
+        "A training-free method for evaluation, keyed by name (train: logn only): "
+        + "; ".join(f"{k}: {v.doc}" for k, v in method_registry.METHODS.items())))
     attention: AttentionConfig = AttentionConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
@@ -177,15 +161,18 @@ class Config(_Section):
 
     @property
     def target_length(self) -> int:
-        return self.rope.max_position_embeddings or self.train.seq_len
+        return getattr(self.rope, "max_position_embeddings", None) or self.train.seq_len
 
     def rope_dict(self) -> dict[str, Any] | None:
         """The rope section as `longctx.apply(rope=...)` takes it; None for rope_type 'none'."""
-        if self.rope.rope_type == "none":
-            return None
-        d = self.rope.model_dump(exclude_none=True)
-        d.setdefault("max_position_embeddings", self.target_length)
+        d = rope_registry.as_dict(self.rope)
+        if d is not None:
+            d.setdefault("max_position_embeddings", self.target_length)
         return d
+
+    def method_dict(self) -> dict[str, Any] | None:
+        """The method section as `longctx.apply(method=...)` takes it; None when there is none."""
+        return None if self.method is None else self.method.model_dump(exclude_none=True)
 
     def attention_dict(self) -> dict[str, Any]:
         return self.attention.model_dump()
@@ -264,7 +251,7 @@ def range_problems(cfg: "Config") -> list[str]:
     out = []
     for key, bounds in RANGES.items():
         section, name = key.split(".")
-        v = getattr(getattr(cfg, section), name)
+        v = getattr(getattr(cfg, section), name, None)  # rope: only the chosen type's keys exist
         values = v if isinstance(v, list) else [] if v is None else [v]
         bad = [x for x in values if not in_range(x, *bounds)]
         if bad:
@@ -303,12 +290,14 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.data.format == "sft" and cfg.eval.lengths and cfg.data.eval is None:
         out.append("eval.lengths: with data.format sft, set data.eval to a text source for perplexity (the "
                    "conversations of data.train are not a validation text)")
-    if r.rope_type != "none":
-        out += [f"rope.{p}" for p in rope_registry.problems(cfg.rope_dict(), prefix="")]
-    elif r.model_dump(exclude_none=True, exclude={"rope_type"}):
-        extra = sorted(r.model_dump(exclude_none=True, exclude={"rope_type"}))
-        out.append(f"rope: {', '.join(extra)} given but rope.rope_type is 'none'; set rope.rope_type to one of "
-                   f"{', '.join(t for t in rope_registry.ROPE_TYPES if t != 'none')}")
+    target, orig = cfg.target_length, getattr(r, "original_max_position_embeddings", None)
+    if r.rope_type != "none" and orig is not None and target <= orig:
+        out.append(f"rope.max_position_embeddings: the target length {target} (default: train.seq_len) must be "
+                   f"above the original length {orig} (original_max_position_embeddings)")
+    if r.rope_type == "longrope" and r.long_factor is None:  # no base supplies it (compose.py); short_factor may come
+        out.append("rope.long_factor: required for rope_type 'longrope' (one factor per rotary pair)")  # from one
+    if cfg.method is not None:
+        out += method_registry.rope_conflicts(cfg.method, r)
     return out
 
 
@@ -350,7 +339,8 @@ def validate(raw: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        messages = validation_messages(e, unknown=lambda loc: "unknown key" + _suggest(loc), other=_must_be)
+        messages = validation_messages(e, unknown=lambda loc: "unknown key" + _suggest(loc), other=_must_be,
+                                       unions={"rope": rope_registry.UNION, "method": method_registry.UNION})
         raise ConfigError(f"invalid config {source}:\n" + "\n".join("  - " + m for m in messages)) from None
 
 
@@ -406,6 +396,21 @@ def _expanded_size(node, memo: dict) -> int:
 def load_yaml(text: str) -> Any:
     """YAML text -> Python values with StrictLoader (duplicate keys and alias bombs refused)."""
     return yaml.load(text, Loader=StrictLoader)  # noqa: S506  StrictLoader is a SafeLoader
+
+
+def train_problems(cfg: Config) -> list[str]:
+    """What `train` refuses in a valid config (evaluation takes it): checked by train and by `sweep` in train mode,
+    so a dry run refuses what training would."""
+    out = []
+    if cfg.rope.rope_type not in rope_registry.STATIC_TYPES:
+        out.append(f"rope.rope_type: {cfg.rope.rope_type} changes with batch length and is not KV-cache consistent; "
+                   f"train with a static type ({', '.join(rope_registry.STATIC_TYPES[1:])}) and keep "
+                   f"{cfg.rope.rope_type} for evaluation")
+    if cfg.method is not None and not method_registry.METHODS[cfg.method.name].trains:
+        trains = [k for k, v in method_registry.METHODS.items() if v.trains]
+        out.append(f"method.name: {cfg.method.name} is training-free (evaluation only: `longctx eval --method`, "
+                   f"`longctx generate`, sweep mode: eval); methods that also train: {', '.join(trains)}")
+    return out
 
 
 def read_yaml(path: Path, what: str) -> Any:

@@ -204,14 +204,17 @@ def passkey(model, tokenizer, lengths: list[int], depths: list[float], trials: i
 # ---------------------------------------------------------------------------------------------------------------
 # Loading what to evaluate
 
-def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", device: str | None = None):
-    """(model, tokenizer, label) from a run's final/ dir, an exported HF dir, or a base model (+ rope overrides).
+def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", device: str | None = None,
+                  method: dict | None = None):
+    """(model, tokenizer, label) from a run's final/ dir, an exported HF dir, or a base model (+ rope overrides and
+    a training-free method). Every eval command, `longctx generate` and the benchmarks load through here.
 
     A run's final/ is rebuilt as it was trained: the base model (never 4-bit: a QLoRA run is rebuilt on the
-    16-bit/float32 base), its LoRA adapter, the embed/norm weights and the rope scaling from longctx.json. A full
-    fine-tuning run's final/ holds the whole model. On the GPU when there is one (`device` overrides).
+    16-bit/float32 base), its LoRA adapter, the embed/norm weights, the rope scaling and a method trained with
+    (log-n) from longctx.json. A full fine-tuning run's final/ holds the whole model. `method` comes on top (the
+    returned "model" is then what the method evaluates with: the patched model, or NBCE's runner). On the GPU
+    when there is one (`device` overrides).
     """
-    import longctx
     from longctx import model as model_lib
     from longctx.patch import check_supported
 
@@ -238,9 +241,10 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
             model_lib.load_trainable_state_dict(model, load_file(str(extras)))
         user_rope = {k: v for k, v in (info.get("rope") or {}).items() if k not in ("head_dim",
                                                                                   "partial_rotary_factor")}
-        longctx.apply(model, rope=rope or user_rope or None)
         tokenizer = model_lib.load_tokenizer(str(p))
-        return model.to(device).eval(), tokenizer, p.parent.name + "/" + p.name
+        runner = apply_methods(model, rope or user_rope or None, [method, info.get("method")], tokenizer,
+                               always=True)
+        return runner.to(device).eval(), tokenizer, p.parent.name + "/" + p.name + _method_label(method)
     if not p.exists() and not model_lib.is_hub_id(path):
         raise ConfigError(f"--model: {path} does not exist (expected a run's final/ directory, an exported model "
                           "directory, a .gguf file or a hub id)")
@@ -257,11 +261,41 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
         if p.exists():
             raise
         raise ConfigError(f"--model: {path} is not a local path and could not be loaded from the hub: {e}") from None
-    if rope:
-        longctx.apply(model, rope=rope)
     tokenizer = model_lib.load_tokenizer(path)
-    label = p.name + (f" {rope.get('rope_type')} x{rope.get('factor', '')}" if rope else "")
-    return model.to(device).eval(), tokenizer, label
+    runner = apply_methods(model, rope, [method], tokenizer)
+    label = p.name + (f" {rope.get('rope_type')} x{rope.get('factor', '')}" if rope else "") + _method_label(method)
+    return runner.to(device).eval(), tokenizer, label
+
+
+def apply_methods(model, rope: dict | None, methods: list, tokenizer, always: bool = False):
+    """Apply the rope scaling and the methods (a CLI method and one trained with; logn last, since it wraps the
+    attention selected before it) to `model`; what to evaluate with. `always`: call `longctx.apply` even with
+    nothing to apply (a run's model gets what longctx gives every model it trains, e.g. MPT past max_seq_len)."""
+    import longctx
+
+    always = always or getattr(model.config, "model_type", None) == "mpt"  # past max_seq_len: ALiBi, not an error
+    specs = [m for m in methods if m]
+    specs = [m for i, m in enumerate(specs) if m not in specs[:i]]
+    specs.sort(key=lambda m: m["name"] == "logn")
+    if not specs:
+        handles = [longctx.apply(model, rope=rope)] if rope or always else []
+    else:  # the rope goes with the first method: rerope rotates with the scaled frequencies
+        handles = [longctx.apply(model, rope=rope, method=specs[0])]
+        handles += [longctx.apply(model, method=m) for m in specs[1:]]
+    for h in handles:
+        runner = h.runner(tokenizer)
+        if runner is not model:
+            return runner
+    return model
+
+
+def _method_label(method) -> str:
+    from longctx import methods
+
+    if not method:
+        return ""
+    d = methods.parse(method).model_dump(exclude_none=True)  # every key, defaults included
+    return " " + " ".join([d.pop("name")] + [f"{k}={v}" for k, v in d.items()])
 
 
 def base_model_path(final: Path, info: dict) -> str:
@@ -457,9 +491,9 @@ def _lengths(text: str) -> list[int]:
 
 
 def _rope_overrides(items: list[str] | None) -> dict | None:
-    """--rope rope_type=yarn factor=4 -> a validated rope dict (rope.* keys of the config)."""
-    from longctx.config import RopeConfig, _apply_override
-    from pydantic import ValidationError
+    """--rope rope_type=yarn factor=4 -> a validated rope dict (the rope.* keys of the config)."""
+    from longctx import rope as rope_registry
+    from longctx.config import _apply_override
 
     if not items:
         return None
@@ -467,9 +501,30 @@ def _rope_overrides(items: list[str] | None) -> dict | None:
     for item in items:
         _apply_override(raw, item if item.startswith("rope.") else "rope." + item)
     try:
-        return RopeConfig.model_validate(raw["rope"]).model_dump(exclude_none=True)
-    except ValidationError as e:
-        raise ConfigError(f"--rope: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+        return rope_registry.as_dict(rope_registry.parse(raw["rope"], prefix="--rope "))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def method_arg(tokens: list[str] | None) -> dict | None:
+    """--method NAME key=value ... -> a validated method dict (the config's method section)."""
+    from longctx import methods
+
+    if not tokens:
+        return None
+    try:
+        return methods.parse_cli(tokens).model_dump(exclude_none=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def add_method_args(p) -> None:
+    """--rope and --method, the same on every command that loads a model for evaluation or generation."""
+    from longctx import methods
+
+    p.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=yarn factor=4")
+    p.add_argument("--method", nargs="+", metavar="NAME [KEY=VALUE ...]",
+                   help=f"a training-free method: {', '.join(methods.METHODS)} (e.g. rerope window=64)")
 
 
 def _earlier_results(paths: list[str] | None) -> dict:
@@ -497,12 +552,12 @@ def _out_dir(out: str) -> Path:
 
 
 def cmd_ppl(args) -> int:
-    rope = _rope_overrides(args.rope)
+    rope, method = _rope_overrides(args.rope), method_arg(args.method)
     earlier, out = _earlier_results(args.add), _out_dir(args.out)
     results = {}
     tokens = None
     for path in args.model:
-        model, tokenizer, label = load_for_eval(path, rope=rope, dtype=args.dtype)
+        model, tokenizer, label = load_for_eval(path, rope=rope, dtype=args.dtype, method=method)
         if tokens is None:
             split = args.split or ("validation" if args.data[0].startswith("builtin:") else None)
             tokens = eval_tokens(args.data if len(args.data) > 1 else args.data[0], tokenizer, max(args.lengths),
@@ -523,13 +578,13 @@ def _depths(text: str) -> list[float]:
 
 
 def cmd_passkey(args) -> int:
-    rope = _rope_overrides(args.rope)
+    rope, method = _rope_overrides(args.rope), method_arg(args.method)
     for d in args.depths:  # before the model loads
         if not 0.0 <= d <= 1.0:
             raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before "
                               f"the question), got {d:g}")
     out = _out_dir(args.out)
-    model, tokenizer, label = load_for_eval(args.model, rope=rope, dtype=args.dtype)
+    model, tokenizer, label = load_for_eval(args.model, rope=rope, dtype=args.dtype, method=method)
     result = {"model": label, **passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed)}
     write_passkey(result, out)
     print((out / "passkey.md").read_text())
@@ -554,7 +609,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=number(int, 1), default=1)
     p.add_argument("--max-tokens", type=number(int, 1), default=None, help="scored-token budget per length")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=yarn factor=4")
+    add_method_args(p)
     p.add_argument("--add", nargs="*", help="earlier ppl.json files to draw on the same plot")
     p.add_argument("--out", required=True, help="output directory (ppl.json, ppl.md, ppl.png)")
     p.set_defaults(func=cmd_ppl)
@@ -567,6 +622,6 @@ def add_parsers(sub) -> None:
     k.add_argument("--trials", type=number(int, 1), default=5, help="keys per (length, depth) (default 5)")
     k.add_argument("--seed", type=number(int, 0), default=0, help="seed of the random keys")
     k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    k.add_argument("--rope", nargs="*", help="rope overrides for a base model, e.g. rope_type=dynamic factor=4")
+    add_method_args(k)
     k.add_argument("--out", required=True, help="output directory (passkey.json, passkey.md, passkey.png)")
     k.set_defaults(func=cmd_passkey)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from longctx import rundir
+from longctx import families, rundir
 from longctx import rope as rope_registry
 from longctx.config import ConfigError
 
@@ -88,12 +88,17 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
         if not force:
             raise ConfigError(f"--out: {out} exists and is not empty; choose another directory or pass --force "
                               "(which writes over the files there)")
+    if info.get("method"):  # log-n: the only method a run trains with (config.train_problems)
+        name = info["method"]["name"]
+        raise ConfigError(f"export: {final} was trained with method {name} (queries scaled by position), which plain "
+                          "transformers cannot run and no config.json can carry; evaluate and generate with it "
+                          "through longctx (`longctx eval`, `longctx generate` rebuild it from RUN/final)")
     trained = int(info["train_seq_len"])
 
     model, tokenizer, _ = evaluate.load_for_eval(str(final), dtype="float32")
     device = next(model.parameters()).device
-    rope_params = rope_registry.native_rope(model.config)  # the global layers' dict when RoPE is per layer type
-    original = int(rope_params.get("original_max_position_embeddings") or model.config.max_position_embeddings)
+    alibi = families.family(model.config) == "alibi"
+    original = int(families.original_length(model.config) or trained)  # per layer type: the global layers' length
     n = verify_length(original, trained)
     positions = torch.tensor(verify_positions(n))
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
@@ -102,7 +107,10 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    finalize_config(model.config, trained, original)
+    if alibi:
+        finalize_alibi_config(model.config, trained)
+    else:
+        finalize_config(model.config, trained, original)
     if model.config._attn_implementation not in STANDARD_ATTENTION:
         model.set_attn_implementation("sdpa")
     model = model.to(DTYPES[dtype])
@@ -132,6 +140,14 @@ def finalize_config(config, trained: int, original: int) -> None:
     config.rope_parameters = rope_registry.with_scaled(config, rp)
     if rp["rope_type"] != "dynamic":  # dynamic: transformers reads max_position_embeddings as the original length
         config.max_position_embeddings = max(trained, original)
+    config.use_cache = True
+
+
+def finalize_alibi_config(config, trained: int) -> None:
+    """ALiBi has no positions to scale. MPT builds its bias for `max_seq_len` and cannot run past it in plain
+    transformers: raised to the trained length (the bias values are the same, ALiBi depends on distances only)."""
+    if hasattr(config, "max_seq_len"):
+        config.max_seq_len = max(trained, config.max_seq_len)
     config.use_cache = True
 
 
@@ -166,7 +182,7 @@ logits = logits[0, ref["positions"].to(device)].float().cpu()
 print(json.dumps({"max_abs_diff": (logits - ref["logits"]).abs().max().item(),
                   "longctx_imported": sorted(m for m in sys.modules if m.split(".")[0] == "longctx"),
                   "attn_implementation": model.config._attn_implementation,
-                  "max_position_embeddings": model.config.max_position_embeddings}))
+                  "max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}))
 """
 
 

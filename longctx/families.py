@@ -20,6 +20,11 @@ What differs between families, and what longctx does about it:
 - Fused projections (Phi-3: qkv_proj, gate_up_proj): LongLoRA's default LoRA targets q/k/v/o_proj map onto them;
   naming only some of q/k/v is refused (one LoRA on the fused matrix adapts all three).
 - `norms`, `qk_norm`, `qkv_bias`: the parameter layout of a decoder layer, read by the memory planner (plan.py).
+
+ALiBi families (BLOOM, MPT: transformers' own classes, `ALIBI_FAMILIES`) load, fine-tune with LoRA + embed/norm and
+full attention, export, and get the ALiBi methods (longctx/methods: ntk_alibi, dynamic_ntk_alibi) and NBCE. Their
+bias is added inside their own attention modules, not through AttentionInterface, so RoPE scaling and S²-Attn are
+refused for them (tests/test_alibi.py).
 """
 
 from __future__ import annotations
@@ -78,21 +83,69 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+LONGLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # LongLoRA adapts the attention projections
+
+
+@dataclass(frozen=True)
+class AlibiFamily:
+    models: str
+    lora_targets: tuple[str, ...]  # what LongLoRA's q/k/v/o_proj are called there (q, k, v fused into one linear)
+    # `lora.trainable_params` substrings ("embed", "norm") that match nothing or too little in the family's names
+    trainable_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+ALIBI_FAMILIES: dict[str, AlibiFamily] = {
+    "bloom": AlibiFamily("BLOOM, BLOOMZ", ("query_key_value", "dense"), {"norm": ("norm", "ln_f")}),
+    "mpt": AlibiFamily("MPT-7B/30B", ("Wqkv", "out_proj"), {"embed": ("wte",)}),
+}
+
+
 def _model_type(config) -> str:
     return getattr(config, "model_type", None) or type(config).__name__
 
 
-def of(config) -> Family:
-    """The family of a transformers config; ConfigError naming the model type and the supported ones."""
+def family(config) -> str | None:
+    """'rope', 'alibi', or None for a model type longctx does not run."""
     model_type = _model_type(config)
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
+    return "rope" if model_type in FAMILIES else "alibi" if model_type in ALIBI_FAMILIES else None
+
+
+def check(config) -> str:
+    """'rope' or 'alibi'; ConfigError naming the model type and the supported ones. Train, eval, export and plan
+    call it (patch.check_supported) on the model's config before anything else is checked or loaded."""
+    kind = family(config)
+    if kind is not None:
+        return kind
+    model_type = _model_type(config)
     hint = {"gemma3": "; this is the multimodal Gemma-3 (S² must not reach its vision tower): save its language "
-                      "model as a Gemma3ForCausalLM (model type gemma3_text) directory and train that",
-            "bloom": "; models without RoPE (ALiBi: bloom, mpt) cannot be extended by RoPE scaling",
-            "mpt": "; models without RoPE (ALiBi: bloom, mpt) cannot be extended by RoPE scaling"}.get(model_type, "")
-    raise ConfigError(f"model type {model_type!r} is not supported by longctx (supported: "
-                      f"{', '.join(FAMILIES)}){hint}")
+                      "model as a Gemma3ForCausalLM (model type gemma3_text) directory and train that"}.get(model_type, "")
+    raise ConfigError(f"model type {model_type!r} is not supported by longctx (RoPE families: {', '.join(FAMILIES)}; "
+                      f"ALiBi families: {', '.join(ALIBI_FAMILIES)}){hint}")
+
+
+def of(config) -> Family:
+    """The RoPE family of a transformers config; ConfigError for an ALiBi or unsupported model type."""
+    if check(config) == "alibi":
+        raise ConfigError(f"model type {_model_type(config)!r} uses ALiBi, not RoPE: RoPE scaling and S²-Attn do not "
+                          "apply to it (attention.type: full; the methods ntk_alibi, dynamic_ntk_alibi, nbce)")
+    return FAMILIES[_model_type(config)]
+
+
+def original_length(config) -> int | None:
+    """The context length the model was trained at, as its config tells (None when it does not: BLOOM)."""
+    if family(config) == "alibi":
+        return getattr(config, "max_seq_len", None) or getattr(config, "seq_length", None)
+    rp = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in rp and isinstance(rp["full_attention"], dict):  # per layer type (Gemma-3)
+        rp = rp["full_attention"]
+    return rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None) \
+        or getattr(config, "max_position_embeddings", None)
+
+
+def trainable_aliases(model_type: str) -> dict[str, tuple[str, ...]]:
+    """`lora.trainable_params` substrings as this family spells them (BLOOM's final norm is ln_f, MPT's
+    embedding wte); {} for the RoPE families, whose names contain 'embed' and 'norm'."""
+    return ALIBI_FAMILIES[model_type].trainable_aliases if model_type in ALIBI_FAMILIES else {}
 
 
 def check_s2(config) -> None:
@@ -125,6 +178,8 @@ def lora_targets(model_type: str, targets: Sequence[str] | str) -> list[str] | s
     Phi-3 computes q, k and v with one `qkv_proj`; LoRA on it adapts all three, so q_proj/k_proj/v_proj map to it
     only together (naming some of them is refused: it would adapt the others too).
     """
+    if model_type in ALIBI_FAMILIES and not isinstance(targets, str) and tuple(targets) == LONGLORA_TARGETS:
+        return list(ALIBI_FAMILIES[model_type].lora_targets)  # BLOOM/MPT: fused q/k/v and the output projection
     if isinstance(targets, str) or model_type not in FAMILIES:  # `apply` refuses an unknown family by name
         return targets
     fam = FAMILIES[model_type]

@@ -28,7 +28,7 @@ from longctx import dist, families
 from longctx.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LONGLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LONGLORA_TARGETS = families.LONGLORA_TARGETS
 
 
 def _split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -146,7 +146,8 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
              trainable_params: Sequence[str] = ("embed", "norm"), gradient_checkpointing: bool = True):
     """Wrap in PEFT LoRA (LongLoRA: r=8, alpha=16, q/k/v/o) and make embed/norm fully trainable; a PeftModel.
 
-    target_modules="all-linear" adapts every linear layer except the output head (PEFT's rule).
+    target_modules="all-linear" adapts every linear layer except the output head (PEFT's rule). The LongLoRA default
+    (q/k/v/o_proj) means the attention projections of BLOOM and MPT too (longctx.families.ALIBI_FAMILIES).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -155,7 +156,8 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         # Checkpointing is enabled below, the same way as without quantization.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     prepare_for_training(model, gradient_checkpointing)
-    # LongLoRA's q/k/v/o_proj onto fused projections (Phi-3's qkv_proj); ValueError for a partial fused set
+    # LongLoRA's q/k/v/o_proj onto fused projections (Phi-3's qkv_proj, BLOOM's query_key_value, MPT's Wqkv);
+    # ValueError for a partial fused set
     targets = families.lora_targets(model.config.model_type, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")
@@ -186,12 +188,14 @@ def make_trainable(model: torch.nn.Module, trainable_params: Sequence[str]) -> l
     """Set requires_grad on every non-LoRA parameter whose name contains one of the substrings; their names.
 
     In place, on the base model's own parameters: no copy (PEFT's modules_to_save would copy them, LongLoRA
-    #79) and a tied embedding stays tied, so lm_head trains with it.
+    #79) and a tied embedding stays tied, so lm_head trains with it. "embed" and "norm" also match BLOOM's ln_f
+    and MPT's wte (longctx.families.trainable_aliases).
     """
     params = {n: p for n, p in _named_parameters(model).items() if not _is_lora(n)}
+    aliases = families.trainable_aliases(getattr(_base(model).config, "model_type", None))
     names = []
     for key in trainable_params:
-        matched = [n for n in params if key in n]
+        matched = [n for n in params if any(k in n for k in aliases.get(key, (key,)))]
         if not matched:
             raise ValueError(f"trainable_params: {key!r} matches no parameter name; names look like "
                              f"{', '.join(list(params)[:3])}, ..., {list(params)[-1]}")

@@ -1,6 +1,7 @@
-"""`longctx.apply(model, rope=..., attention=...)`: scaled RoPE and S²-Attn on one model instance, reversibly.
+"""`longctx.apply(model, rope=..., attention=..., method=...)`: one model instance, changed reversibly.
 
     handle = longctx.apply(model, rope={"rope_type": "yarn", "factor": 4.0}, attention={"type": "s2"})
+    handle = longctx.apply(model, method={"name": "rerope", "window": 64})   # a training-free method
     handle.remove()   # the model computes exactly what it computed before
 
 Nothing here touches a transformers class. RoPE: `config.rope_parameters` and `max_position_embeddings` are set on
@@ -9,7 +10,9 @@ model computes what plain transformers computes from the exported config.json (a
 inv_freq is a buffer built at init, research/rope.md 1.5 pitfall 4). Per-layer-type RoPE (Gemma-3) is scaled on the
 global layers only, and a base that ships its own scaling is extended by composing on it (rope.py, compose.py).
 Attention: S2 is registered with transformers' registries and selected with `set_attn_implementation`; its settings
-sit on each attention module. Which model types work, and how, is `longctx.families.FAMILIES`.
+sit on each attention module. Which model types work, and how, is `longctx.families`. Methods (longctx/methods):
+each pushes its own undo steps. Order: rope, then S2, then the method (log-n wraps whatever attention is selected by
+then).
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from longctx import attention as s2
 from longctx import families
+from longctx import methods as method_registry
 from longctx import rope as rope_registry
 from longctx.config import ConfigError
+from longctx.methods import ntk_alibi
+from longctx.methods.rotary import attention_modules, rotary_modules
 
 
 @dataclass
@@ -31,8 +38,10 @@ class Handle:
     """What `apply` changed, and how to undo it."""
 
     model: torch.nn.Module
-    rope: rope_registry.RopeParams | None
+    rope: rope_registry.Resolved | None
     attention: dict[str, Any]
+    method: BaseModel | None = None
+    target: method_registry.Target | None = None
     _undo: list = field(default_factory=list, repr=False)
 
     def remove(self) -> None:
@@ -46,11 +55,19 @@ class Handle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def runner(self, tokenizer=None):
+        """What to evaluate or generate with: the model, or the method's way of running it (NBCE)."""
+        if self.method is None:
+            return self.model
+        return method_registry.runner(self.model, self.method, self.target, tokenizer)
+
     def longctx_json(self) -> dict[str, Any]:
         """What RUN/final/longctx.json records about the patch."""
-        return {"rope": self.rope.model_dump() if self.rope else None,
-                "rope_parameters": _base(self.model).config.rope_parameters,
-                "attention": self.attention}
+        config = _base(self.model).config
+        return {"rope": rope_registry.as_dict(self.rope.spec) if self.rope else None,
+                "rope_parameters": getattr(config, "rope_parameters", None),
+                "attention": self.attention,
+                "method": self.method.model_dump(exclude_none=True) if self.method else None}
 
 
 def _base(model: torch.nn.Module):
@@ -58,47 +75,53 @@ def _base(model: torch.nn.Module):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _rotary_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child).__name__.endswith("RotaryEmbedding")]
+def check_supported(config) -> str:
+    """'rope' or 'alibi'; ConfigError naming the model type when longctx cannot run this family (longctx.families).
+    Train, eval, export and plan call it on the model's config before anything else is checked or loaded."""
+    return families.check(config)
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "head_dim")]
-
-
-def check_supported(config) -> None:
-    """ConfigError naming the model type when longctx cannot patch this family (longctx.families); train, eval,
-    export and plan call it on the model's config before anything else is checked or loaded."""
-    families.of(config)
-
-
-def apply(model: torch.nn.Module, rope: dict[str, Any] | None = None,
-          attention: dict[str, Any] | None = None) -> Handle:
-    """Scale RoPE and/or select S2 attention on `model` (a transformers or PEFT model). Raises ConfigError."""
+def apply(model: torch.nn.Module, rope: dict[str, Any] | BaseModel | None = None,
+          attention: dict[str, Any] | None = None, method: dict[str, Any] | BaseModel | None = None) -> Handle:
+    """Scale RoPE, select S2 attention and/or apply a method on `model` (a transformers or PEFT model).
+    Raises ConfigError (the CLI exits 2) naming what does not fit."""
     base = _base(model)
-    check_supported(base.config)
+    config = base.config
+    family = check_supported(config)
     handle = Handle(model, None, dict(attention or {"type": "full"}))
     try:
-        if rope and rope.get("rope_type", "none") != "none":
+        scaled = rope is not None and rope_registry.parse(rope).rope_type != "none"
+        s2_on = bool(attention) and attention.get("type", "full") == "s2"
+        if family == "alibi" and (scaled or s2_on):
+            what = "RoPE scaling" if scaled else "S²-Attn (attention.type: s2)"
+            raise ConfigError(f"model type {config.model_type!r} uses ALiBi, not RoPE: {what} does not apply to "
+                              "it; use attention.type: full for fine-tuning and the methods ntk_alibi, "
+                              "dynamic_ntk_alibi or nbce for longer contexts")
+        if config.model_type == "mpt" and not (method and method_registry.parse(method).name.endswith("ntk_alibi")):
+            ntk_alibi.extend_mpt(base, handle._undo)  # its bias for the current length, not only max_seq_len
+        if scaled:
             _apply_rope(base, rope, handle)
-        if attention and attention.get("type", "full") == "s2":
+        if s2_on:
             _apply_s2(base, attention, handle)
+        if method is not None:
+            handle.method = method_registry.parse(method)
+            handle.target = method_registry.Target(family, families.original_length(config), handle.rope)
+            method_registry.apply(base, handle.method, handle.target, handle._undo)
+    except ValueError as e:
+        handle.remove()
+        raise ConfigError(str(e)) from None
     except BaseException:
         handle.remove()
         raise
     return handle
 
 
-def _apply_rope(base, rope: dict[str, Any], handle: Handle) -> None:
+def _apply_rope(base, rope: dict[str, Any] | BaseModel, handle: Handle) -> None:
     config = base.config
-    rotaries = _rotary_modules(base)
+    rotaries = rotary_modules(base)
     if not rotaries:
         raise ConfigError(f"model type {config.model_type!r}: no rotary embedding module found")
-    try:
-        params = rope_registry.resolve(rope, config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    params = rope_registry.resolve(rope, config)
     old_rp, old_max = copy.deepcopy(config.rope_parameters), config.max_position_embeddings
     # Phi-3 keeps its pretrained length at the top level too, and transformers prefers that one when it loads.
     old_orig = getattr(config, "original_max_position_embeddings", None)
@@ -127,7 +150,7 @@ def _apply_rope(base, rope: dict[str, Any], handle: Handle) -> None:
 def _apply_s2(base, attention: dict[str, Any], handle: Handle) -> None:
     families.check_s2(base.config)
     settings = s2.S2Settings(**{k: v for k, v in attention.items() if k != "type"})
-    modules = _attention_modules(base)
+    modules = attention_modules(base)
     if not modules:
         raise ConfigError(f"model type {base.config.model_type!r}: no attention modules found")
     s2.register()

@@ -42,13 +42,13 @@ from longctx import evaluate
 from longctx import loss as loss_lib
 from longctx import model as model_lib
 from longctx import patch, plan
-from longctx.config import Config, ConfigError
+from longctx.config import Config, ConfigError, train_problems
 
 log = logging.getLogger("longctx")
 
 # Fields that define parameter shapes or the meaning of positions: a resume must not change them.
 SHAPE_FIELDS = ("model.name_or_path", "model.gguf_file", "model.quantization", "lora.enabled", "lora.r",
-                "lora.target_modules", "lora.trainable_params", "rope", "train.seq_len", "attention.type")
+                "lora.target_modules", "lora.trainable_params", "rope", "method", "train.seq_len", "attention.type")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -206,9 +206,11 @@ def check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
 
 
 def _get(d: dict, dotted: str):
+    """The value at a dotted key, with None-valued keys of a section dropped (a key left out and a key set to null
+    mean the same; runs from before the rope schema became a union dumped every rope key)."""
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
-    return d
+    return {k: v for k, v in d.items() if v is not None} if isinstance(d, dict) else d
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,9 +455,9 @@ def train(cfg: Config) -> Path:
     """Run training from a validated config; returns RUN/final, or RUN when a signal stopped training (rerun the
     same command to go on). The run directory stays claimed by this process until it exits (`rundir.release`)."""
     run_dir = Path(cfg.train.output_dir)
-    if cfg.rope.rope_type == "dynamic":
-        raise ConfigError("rope.rope_type: dynamic changes with batch length and is not KV-cache consistent; train "
-                          "with a static type (linear, ntk, yarn, llama3, longrope) and keep dynamic for evaluation")
+    problems = train_problems(cfg)  # dynamic RoPE, training-free methods (sweep's dry run checks the same)
+    if problems:
+        raise ConfigError("\n".join(problems))
     # TrainingArguments before the model: under ZeRO-3 transformers then loads the weights already partitioned
     # (zero.Init) instead of a full copy per rank. Building them also starts torch.distributed under torchrun.
     if cfg.train.deepspeed and dist.world_size() > 1:
@@ -496,7 +498,7 @@ def train(cfg: Config) -> Path:
                                        trainable_params=cfg.lora.trainable_params)
         except ValueError as e:  # a target module or trainable_params substring the model does not have
             raise ConfigError(f"lora: {e}") from None
-    handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict())
+    handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict(), method=cfg.method_dict())
     checkpoint = start.checkpoint
     if checkpoint is not None and (checkpoint / rundir.TRAINABLE).is_file():
         with zero3_gathered(model, modify=True):

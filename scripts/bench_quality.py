@@ -4,6 +4,9 @@
     python scripts/bench_quality.py --arms a,b,c-yarn   # a subset: names, or a letter for its whole group
 
 Arms (ARMS below): (a) the base with no scaling; (b) training-free linear/ntk/dynamic/yarn at factors 4 and 8;
+(g) the training-free methods of longctx/methods on the base (consistent dynamic NTK x4/x8, ReRoPE, leaky ReRoPE,
+log-n, ReRoPE + log-n as Su runs it, NBCE); (h) an ALiBi base (--alibi-model: BLOOM or MPT; skipped without it)
+as it is, with NTK-ALiBi a = 2, 4 and dynamic NTK-ALiBi;
 fine-tuned 256 -> 1024 from configs/quickstart.yaml, all with the same token budget (--train-tokens) and the
 quickstart's lr, schedule and seed: (c) LongLoRA (S² + LoRA + embed/norm) under linear and under yarn, (d) the same
 with full attention, (e) S² + plain LoRA (no embed/norm), (f) S² + full fine-tuning (at --full-ft-lr: the
@@ -37,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import longctx
 from longctx import evaluate as ev
 from longctx import model as model_lib
 from longctx.config import Config, ConfigError, load_config
@@ -47,8 +51,10 @@ log = logging.getLogger("longctx")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The arms: pure data. `attention` None = training-free (evaluated on the base with `rope` x `factor`); "s2" or
-# "full" = fine-tuned from --config with rope.rope_type = `rope` (its factor stays the config's: target / original).
+# The arms: pure data. `attention` None = training-free (evaluated on the base with `rope` x `factor` and the
+# `methods`, applied in order: `longctx eval --method` takes the first, log-n wraps it); "s2" or "full" = fine-tuned
+# from --config with rope.rope_type = `rope` (its factor stays the config's: target / original). `alibi`: on the
+# --alibi-model base instead of the config's.
 
 @dataclass(frozen=True)
 class Arm:
@@ -59,6 +65,8 @@ class Arm:
     attention: str | None = None
     lora: bool = True
     embed_norm: bool = True
+    methods: tuple[dict, ...] = ()
+    alibi: bool = False
 
     @property
     def trains(self) -> bool:
@@ -75,6 +83,17 @@ ARMS: tuple[Arm, ...] = (
     Arm("d-yarn", "full attention + LoRA + embed/norm", "yarn", attention="full"),
     Arm("e-yarn", "S² + plain LoRA (no embed/norm)", "yarn", attention="s2", embed_norm=False),
     Arm("f-yarn", "S² + full fine-tuning", "yarn", attention="s2", lora=False),
+    *(Arm(f"g-cdyn{f}", f"consistent dynamic NTK x{f}", "none", methods=({"name": "consistent_dynamic", "factor": f},))
+      for f in (4, 8)),
+    Arm("g-rerope", "ReRoPE (window: original / 4)", "none", methods=({"name": "rerope"},)),
+    Arm("g-leaky", "leaky ReRoPE (window: original / 4, leak 16)", "none", methods=({"name": "leaky_rerope"},)),
+    Arm("g-logn", "log-n query scaling", "none", methods=({"name": "logn"},)),
+    Arm("g-rerope-logn", "ReRoPE + log-n (Su's patch)", "none", methods=({"name": "rerope"}, {"name": "logn"})),
+    Arm("g-nbce", "NBCE (chunk: original / 2, beta 0.25, min entropy)", "none", methods=({"name": "nbce"},)),
+    Arm("h-alibi", "ALiBi base, no scaling", "none", alibi=True),
+    *(Arm(f"h-ntk-alibi{a}", f"NTK-ALiBi a = {a}", "none", methods=({"name": "ntk_alibi", "alpha": a},), alibi=True)
+      for a in (2, 4)),
+    Arm("h-dyn-ntk-alibi", "dynamic NTK-ALiBi", "none", methods=({"name": "dynamic_ntk_alibi"},), alibi=True),
 )
 ARM_BY_NAME = {a.name: a for a in ARMS}
 
@@ -86,7 +105,7 @@ def select_arms(text: str) -> list[Arm]:
                and not any(a.name.split("-")[0] == w for a in ARMS)]
     if unknown or not wanted:
         raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; valid: all, "
-                                         f"a group letter a-f, or {', '.join(ARM_BY_NAME)}")
+                                         f"a group letter a-h, or {', '.join(ARM_BY_NAME)}")
     return [a for a in ARMS if "all" in wanted or a.name in wanted or a.name.split("-")[0] in wanted]
 
 
@@ -192,6 +211,16 @@ def claim_embed_norm_matter(res, original, target):
              f"{EMBED_NORM}, not <= {NO_EMBED_NORM}){ref}", _band(r, EMBED_NORM, NO_EMBED_NORM))]
 
 
+def claim_methods_hold(res, original, target):
+    base = long_ppl(res, "a", original)
+    out = []
+    for arm in (a.name for a in ARMS if a.methods and not a.alibi):
+        x = long_ppl(res, arm, original)
+        if None not in (x, base):
+            out.append((f"{arm}: geometric-mean PPL over lengths > {original} {x:.2f} vs (a) {base:.2f}", x < base))
+    return out
+
+
 CLAIMS = (
     ("Direct extrapolation collapses past the trained length", claim_extrapolation_collapses, "a"),
     ("Position interpolation (linear) without fine-tuning degrades", claim_pi_degrades, "a, b-linear4/8"),
@@ -200,6 +229,7 @@ CLAIMS = (
      "any of c-f"),
     ("S²-Attn matches full attention closely", claim_s2_matches_full, "c-linear + d-linear or c-yarn + d-yarn"),
     ("Embed/norm training matters for LoRA (LongLoRA Table 2)", claim_embed_norm_matter, "c-yarn, e-yarn"),
+    ("Training-free methods hold better than direct extrapolation", claim_methods_hold, "a, any of g"),
 )
 
 
@@ -246,6 +276,10 @@ def arm_settings(arm: Arm, args, base: Config) -> dict:
         s["train"] = {"tokens": args.train_tokens, "overrides": train_overrides(arm, args, base)}
     else:
         s["rope"] = rope_dict(arm, base)
+    if arm.methods:  # (only then: arms measured before methods existed keep their settings)
+        s["methods"] = list(arm.methods)
+    if arm.alibi:
+        s["model"] = args.alibi_model
     return json.loads(json.dumps(s))
 
 
@@ -258,7 +292,7 @@ def rope_dict(arm: Arm, base: Config) -> dict | None:
 
 
 def original_length(base: Config) -> int:
-    if base.rope.original_max_position_embeddings:
+    if getattr(base.rope, "original_max_position_embeddings", None):
         return base.rope.original_max_position_embeddings
     from transformers import AutoConfig
 
@@ -329,14 +363,18 @@ def run_arm(arm: Arm, args, base: Config, tokens: torch.Tensor) -> dict:
         final, stats = train_arm(cfg, args.force)
         trainable, total = count_trainable(cfg)
         steps = cfg.train.max_steps
-        out |= {"factor": cfg.rope.factor, "trainable_params": trainable, "total_params": total,
+        out |= {"factor": getattr(cfg.rope, "factor", None), "trainable_params": trainable, "total_params": total,
                 "train": {**stats, "steps": steps, "tokens": steps * tokens_per_step(cfg),
                           "learning_rate": cfg.train.learning_rate, "run": str(final)}}
         model, tokenizer, _ = ev.load_for_eval(str(final), dtype=cfg.model.dtype)
     else:
-        model, tokenizer, _ = ev.load_for_eval(base.model.name_or_path, rope=rope_dict(arm, base),
-                                               dtype=base.model.dtype)
-        out |= {"factor": arm.factor, "trainable_params": 0, "total_params": model_lib.count_parameters(model)[1]}
+        path = args.alibi_model if arm.alibi else base.model.name_or_path
+        first, *more = arm.methods or (None,)
+        model, tokenizer, _ = ev.load_for_eval(path, rope=rope_dict(arm, base), dtype=base.model.dtype, method=first)
+        for m in more:  # log-n on top of the first method (it wraps the attention selected before it)
+            longctx.apply(model, method=m)
+        out |= {"factor": arm.factor, "trainable_params": 0, "total_params": model_lib.count_parameters(model)[1],
+                "methods": list(arm.methods)}
     return out | measure(model, tokenizer, tokens, args, arm.name)
 
 
@@ -386,6 +424,9 @@ def _num(x: float | None) -> str:
 
 
 def _rope_label(r: dict) -> str:
+    if r.get("methods"):
+        return " + ".join(" ".join([m["name"]] + [f"{k}={v}" for k, v in m.items() if k != "name"])
+                          for m in r["methods"])
     return "none" if r["rope_type"] == "none" else f"{r['rope_type']} x{r['factor']:g}"
 
 
@@ -482,6 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--arms", type=select_arms, default=list(ARMS), help="comma-separated names or group letters "
                     f"(default all: {','.join(ARM_BY_NAME)})")
     ap.add_argument("--config", default="configs/quickstart.yaml", help="base of every fine-tuning arm")
+    ap.add_argument("--alibi-model", default=None, help="an ALiBi base (BLOOM or MPT directory) for the h arms; "
+                    "without it they are skipped")
     ap.add_argument("--train-tokens", type=int, default=491520,
                     help="training tokens per fine-tuned arm; steps = ceil(this / tokens per step) (default 60 steps "
                          "x 8 x 1024)")
@@ -521,17 +564,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = load_config(args.config)
         out = Path(args.out)
-        tokens = None
+        tokens: dict[str, torch.Tensor] = {}  # the evaluation stream per tokenizer (the base's, the ALiBi base's)
         for arm in (bar := tqdm(args.arms, desc="arms", unit="arm")):
             bar.set_postfix_str(arm.name)
+            if arm.alibi and not args.alibi_model:
+                log.info("%s: skipped (needs --alibi-model)", arm.name)
+                continue
             path, settings = out / f"{arm.name}.json", arm_settings(arm, args, base)
             if is_finished(path, settings, args.force):
                 log.info("%s: done before, skipped (%s)", arm.name, path)
                 continue
-            if tokens is None:  # the evaluation stream, once: every arm shares the base tokenizer
+            model_path = args.alibi_model if arm.alibi else base.model.name_or_path
+            if model_path not in tokens:  # once per tokenizer
                 eval_cfg = load_config(args.config, overrides=[f"eval.lengths={args.lengths}"])
-                tokens = ev.run_eval_tokens(eval_cfg, model_lib.load_tokenizer(base.model.name_or_path))
-            result = run_arm(arm, args, base, tokens) | {"settings": settings, "command": args.command,
+                tokens[model_path] = ev.run_eval_tokens(eval_cfg, model_lib.load_tokenizer(model_path))
+            result = run_arm(arm, args, base, tokens[model_path]) | {"settings": settings, "command": args.command,
                                                          "finished": datetime.now().isoformat(timespec="seconds"),
                                                          "machine": machine()}
             out.mkdir(parents=True, exist_ok=True)

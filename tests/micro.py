@@ -1,5 +1,5 @@
-"""A micro base model for end-to-end tests: a BPE tokenizer and a random 2-layer Llama (or another family), built in a
-second."""
+"""A micro base model for end-to-end tests: a BPE tokenizer and a random 2-layer Llama (or another family, BLOOM
+and MPT included), built in a second."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          MptConfig, MptForCausalLM, PreTrainedTokenizerFast)
 
 
 def make_micro_base(path: Path, max_pos: int = 64, seed: int = 0, family: str = "llama", **extra) -> Path:
-    """Save tokenizer + model to `path` (HF format) and return it; `family`: a model type (reference.tiny_config),
-    `extra`: config fields (e.g. a native rope_parameters)."""
+    """Save tokenizer + model to `path` (HF format) and return it; `family`: a model type (reference.tiny_config;
+    bloom and mpt here: BLOOM configs carry no context length), `extra`: config fields (e.g. a native
+    rope_parameters)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "string.py", "bisect.py")]
     tok = Tokenizer(models.BPE())
@@ -23,20 +25,24 @@ def make_micro_base(path: Path, max_pos: int = 64, seed: int = 0, family: str = 
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
-    if family != "llama":
+    ids = dict(vocab_size=len(fast), eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
+               pad_token_id=fast.pad_token_id)
+    if family == "bloom":
+        cls, cfg = BloomForCausalLM, BloomConfig(hidden_size=32, n_head=4, n_layer=2, **ids)
+    elif family == "mpt":
+        cls, cfg = MptForCausalLM, MptConfig(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=max_pos,
+                                             **ids)
+    elif family == "llama":
+        cls, cfg = LlamaForCausalLM, LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                                 num_hidden_layers=2, intermediate_size=64, max_position_embeddings=max_pos,
+                                                 tie_word_embeddings=True, **ids)
+    else:
         from reference import tiny_config
 
         cfg = tiny_config(family, max_pos=max_pos, vocab=len(fast), **extra)
         cfg.pad_token_id = cfg.bos_token_id = cfg.eos_token_id = fast.eos_token_id
-        torch.manual_seed(seed)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-        fast.save_pretrained(path)
-        return path
-    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                      intermediate_size=64, vocab_size=len(fast), max_position_embeddings=max_pos,
-                      tie_word_embeddings=True, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
-                      pad_token_id=fast.pad_token_id)
+        cls = AutoModelForCausalLM.from_config
     torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    cls(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path

@@ -112,6 +112,25 @@ def logits_with_reference(model, mask, **inputs):
         model.set_attn_implementation(old)
 
 
+def left_padded(T: int, pad: int, vocab: int = 97):
+    """(ids, attention_mask, position_ids) of two random rows of T tokens, the second with `pad` left padding;
+    positions from the mask, as `generate` gives them."""
+    ids = torch.randint(0, vocab, (2, T))
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def select_attention(model, name: str, attend) -> None:
+    """Register `attend` (with transformers' SDPA mask, always materialized: [B, 1, Tq, Tkv] bool, padding and
+    causality) and select it on `model`; select "sdpa" again to go back."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, attend)
+    AttentionMaskInterface.register(name, lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
+    model.set_attn_implementation(name)
+
+
 def real_positions(docs: list[list[tuple[int, int]]], T: int) -> torch.Tensor:
     real = torch.zeros(len(docs), T, dtype=torch.bool)
     for b, row in enumerate(docs):

@@ -54,6 +54,7 @@ AS_THE_PAPERS_SAY = dict(
     **{f"b-{t}{f}": (41, 42, 43, 44) for t in ("ntk", "yarn") for f in (4, 8)},
     **{"c-linear": (39, 38, 37, 60), "d-linear": (39, 38, 37.5, 58), "c-yarn": (38, 37, 36, 50),
        "d-yarn": (38, 37, 36.5, 49), "e-yarn": (45, 44, 44, 70), "f-yarn": (37, 36, 35, 50)},
+    **{a.name: (40, 41, 42, 43) for a in bq.ARMS if a.name.startswith("g-")},
 )
 OTHERWISE = dict(
     a=(40, 41, 42, 45),
@@ -61,17 +62,18 @@ OTHERWISE = dict(
     **{f"b-{t}{f}": (41, 43, 45, 50) for t in ("ntk", "yarn") for f in (4, 8)},
     **{"c-linear": (39, 40, 45, 60), "d-linear": (39, 40, 40, 58), "c-yarn": (38, 39, 44, 50),
        "d-yarn": (38, 39, 39, 49), "e-yarn": (38, 39, 44, 50), "f-yarn": (37, 38, 40, 50)},
+    **{a.name: (40, 60, 80, 90) for a in bq.ARMS if a.name.startswith("g-")},
 )
 
 
 def test_claims_follow_the_numbers():
     verdicts = lambda res: [c["verdict"] for c in bq.judge(res, 256, 1024)]  # noqa: E731
-    assert verdicts(_res(**AS_THE_PAPERS_SAY)) == ["CONFIRMED"] * 6
-    assert verdicts(_res(**OTHERWISE)) == ["REFUTED"] * 6
+    assert verdicts(_res(**AS_THE_PAPERS_SAY)) == ["CONFIRMED"] * 7
+    assert verdicts(_res(**OTHERWISE)) == ["REFUTED"] * 7
     mixed = _res(**{**AS_THE_PAPERS_SAY, "b-linear8": OTHERWISE["b-linear8"], "a": (40, 45, 55, 65),
                     "c-linear": OTHERWISE["c-linear"]})
-    assert verdicts(mixed) == ["MIXED"] * 5 + ["CONFIRMED"]
-    assert verdicts(_res(a=AS_THE_PAPERS_SAY["a"])) == ["CONFIRMED"] + ["NOT MEASURED"] * 5
+    assert verdicts(mixed) == ["MIXED"] * 5 + ["CONFIRMED"] * 2
+    assert verdicts(_res(a=AS_THE_PAPERS_SAY["a"])) == ["CONFIRMED"] + ["NOT MEASURED"] * 6
     claim = bq.judge(_res(**AS_THE_PAPERS_SAY), 256, 1024)[0]
     assert claim["checks"][0].startswith("(a) PPL@2048 / PPL@256 = 900.00 / 40.00 = 22.50")
 
@@ -114,7 +116,7 @@ def test_two_arms_end_to_end_then_resume(micro, corpus, tmp_path, monkeypatch, c
         (tmp_path / "out" / "quality.md").read_text()
     verdicts = [c["verdict"] for c in doc["claims"]]
     assert verdicts[0] in ("CONFIRMED", "REFUTED", "MIXED") and verdicts[3] in ("CONFIRMED", "REFUTED", "MIXED")
-    assert verdicts[1:3] == verdicts[4:] == ["NOT MEASURED"] * 2
+    assert verdicts[1:3] == ["NOT MEASURED"] * 2 and verdicts[4:] == ["NOT MEASURED"] * 3
     md = (tmp_path / "out" / "quality.md").read_text()
     assert "## Claims" in md and f"Direct extrapolation collapses past the trained length: {verdicts[0]}" in md
     assert md.count("\n| a | ") == md.count("\n| c-yarn | ") == 1
@@ -133,3 +135,31 @@ def test_two_arms_end_to_end_then_resume(micro, corpus, tmp_path, monkeypatch, c
     monkeypatch.setattr(bq, "train", fail)  # --force measures again but reuses the finished run
     assert bq.main(argv + ["--force"]) == 0
     assert json.loads((out / "c-yarn.json").read_text())["train"]["wall_s"] == c["train"]["wall_s"]
+
+
+def test_method_arms_end_to_end(micro, corpus, tmp_path, caplog):
+    """A training-free method arm (two methods composed) and an ALiBi arm on a micro MPT; without --alibi-model the
+    ALiBi arms are skipped, named in the log."""
+    from micro import make_micro_base
+
+    config = tmp_path / "micro.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(micro)}, "attention": {"type": "full"},
+                                      "data": {"train": str(corpus), "eval": str(corpus), "num_proc": 1},
+                                      "train": {"seq_len": 128}}))
+    out = tmp_path / "out" / "quality"
+    argv = ["--config", str(config), "--arms", "g-rerope-logn,h-ntk-alibi2", "--eval-tokens", "200", "--lengths",
+            "64,128", "--passkey-lengths", "256", "--passkey-depths", "0.5", "--passkey-trials", "1", "--out",
+            str(out), "--runs", str(tmp_path / "runs"), "--threads", "1"]
+    caplog.set_level(logging.INFO, logger="longctx")
+    assert bq.main(argv) == 0
+    assert "h-ntk-alibi2: skipped (needs --alibi-model)" in caplog.text
+    alibi = make_micro_base(tmp_path / "mpt", max_pos=64, family="mpt")
+    assert bq.main(argv + ["--alibi-model", str(alibi)]) == 0
+    g = json.loads((out / "g-rerope-logn.json").read_text())
+    assert g["methods"] == [{"name": "rerope"}, {"name": "logn"}] and g["trainable_params"] == 0
+    assert [r["length"] for r in g["ppl"]] == [64, 128] and all(r["ppl"] > 1 for r in g["ppl"])
+    h = json.loads((out / "h-ntk-alibi2.json").read_text())
+    assert h["settings"]["model"] == str(alibi) and h["ppl"][0]["ppl"] > 1
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "| g-rerope-logn | ReRoPE + log-n (Su's patch) | rerope + logn |" in md
+    assert "| h-ntk-alibi2 | NTK-ALiBi a = 2 | ntk_alibi alpha=2 |" in md

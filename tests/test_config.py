@@ -22,7 +22,22 @@ BAD = [
     (["rope.rope_type=yarn", "rope.alpha=3"], ["rope.alpha: not a parameter of rope_type 'yarn'", "beta_fast"]),
     (["rope.rope_type=yarn", "rope.original_max_position_embeddings=2048"],
      ["target length 1024", "must be above the original length 2048"]),
-    (["rope.factor=2"], ["rope: factor given but rope.rope_type is 'none'"]),
+    (["rope.factor=2"], ["rope.factor: rope_type 'none' takes no keys; set rope.rope_type to one of linear"]),
+    (["rope.rope_type=none", "rope.factr=2"], ["rope.factr: unknown key (did you mean rope.factor?)"]),
+    (["rope=3"], ["rope: must be a mapping with rope_type"]),
+    (["method.name=rerop"], ["method.name: unknown method 'rerop'; valid methods: consistent_dynamic, rerope, "
+                             "leaky_rerope, logn, nbce, ntk_alibi, dynamic_ntk_alibi"]),
+    (["method.window=3"], ["method.name: required; one of consistent_dynamic"]),
+    (["method.name=rerope", "method.leak=16"], ["method.leak: not a parameter of method 'rerope'; method 'rerope' "
+                                                "takes: window"]),
+    (["method.name=leaky_rerope", "method.leek=16"], ["method.leek: unknown key (did you mean method.leak?)"]),
+    (["method.name=ntk_alibi"], ["method.alpha: required for method 'ntk_alibi'"]),
+    (["method.name=nbce", "method.pool=max"], ["method.pool: ", "'min_entropy' or 'mean'", "got 'max'"]),
+    (["method.name=consistent_dynamic", "method.factor=0.5"],
+     ["method.factor: Input should be greater than or equal to 1, got 0.5"]),
+    (["method.name=consistent_dynamic", "rope.rope_type=yarn"],
+     ["method: consistent_dynamic computes the rotation itself; rope.rope_type must be none"]),
+    (["method.name=rerope", "rope.rope_type=dynamic"], ["method: rerope rotates with one set of frequencies"]),
     (["attention.group_size_ratio=1.5"], ["attention.group_size_ratio: must be in (0, 1], got 1.5"]),
     (["attention.group_size_ratio=0"], ["attention.group_size_ratio: must be in (0, 1], got 0"]),
     (["train.seq_len=1000", "attention.group_size_ratio=0.3"], ["S2 group size 300 does not divide train.seq_len=1000"]),
@@ -84,6 +99,19 @@ def test_by_parts_parameters_a_native_base_supplies_are_checked_once_the_model_i
     with pytest.raises(ConfigError, match="rope.low_freq_factor: required for rope_type 'llama3' "
                                           r"\(Llama-3.1 uses 1.0; a base that ships llama3 scaling supplies it\)"):
         longctx.apply(tiny_model(), rope=cfg.rope_dict())
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["rope.rope_type=dynamic", "rope.factor=2"], "rope.rope_type: dynamic changes with batch length"),
+    (["method.name=rerope"], "method.name: rerope is training-free (evaluation only"),
+])
+def test_train_problems(overrides, expected):
+    """Valid for evaluation, refused for training: config.train_problems, shared by `train` and `sweep`."""
+    from longctx.config import train_problems
+
+    problems = train_problems(load_config(data=BASE, overrides=overrides))
+    assert len(problems) == 1 and expected in problems[0]
+    assert train_problems(load_config(data=BASE, overrides=["method.name=logn", "rope.rope_type=yarn"])) == []
 
 
 def test_missing_required_keys_are_named():
@@ -155,9 +183,18 @@ def test_every_numeric_field_has_a_range():
         args = typing.get_args(annotation)
         return annotation in (int, float) or any(numeric(a) for a in args)
 
-    fields = [f"{section}.{name}" for section, sf in Config.model_fields.items()
-              for name, f in sf.annotation.model_fields.items()
-              if numeric(f.annotation) and f.annotation is not bool]
+    from longctx import rope
+
+    def models(section, annotation):  # a section model, or every member of a union section (rope)
+        if section == "rope":
+            return [scheme.params for scheme in rope.SCHEMES.values()]
+        if section == "method":  # method models bound their own numbers (Field ge=...): tests/test_methods*.py
+            return []
+        return [annotation]
+
+    fields = sorted({f"{section}.{name}" for section, sf in Config.model_fields.items()
+                     for model in models(section, sf.annotation) for name, f in model.model_fields.items()
+                     if numeric(f.annotation) and f.annotation is not bool})
     assert fields and "train.learning_rate" in fields and "eval.lengths" in fields
     assert sorted(set(fields) - set(RANGES) - set(RANGES_ELSEWHERE)) == []
     assert sorted(set(RANGES) - set(fields)) == []  # no stale entries

@@ -155,7 +155,7 @@ def test_phi3_lora_targets_map_onto_fused_projections():
 def test_unsupported_types_are_refused_with_a_hint():
     with pytest.raises(longctx.ConfigError, match="'gemma3' is not supported.*Gemma3ForCausalLM"):
         families.of(type("C", (), {"model_type": "gemma3"})())
-    with pytest.raises(longctx.ConfigError, match="'cohere2' is not supported.*supported: llama, mistral"):
+    with pytest.raises(longctx.ConfigError, match="'cohere2' is not supported.*RoPE families: llama, mistral"):
         longctx.apply(AutoModelForCausalLM.from_config(tiny_config("cohere2")), rope={"rope_type": "linear"})
 
 

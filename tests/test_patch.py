@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import longctx
 from reference import logits_with_reference, s2_rule_mask, tiny_model
@@ -47,10 +47,19 @@ def test_peft_wrapped_model():
     assert torch.equal(peft(input_ids=ids, use_cache=False).logits, before)
 
 
-def test_alibi_model_is_refused_by_name():
+def test_alibi_model_refuses_rope_scaling_and_s2_by_name():
     model = BloomForCausalLM(BloomConfig(hidden_size=32, n_head=4, n_layer=1, vocab_size=50))
-    with pytest.raises(longctx.ConfigError, match="model type 'bloom' is not supported.*ALiBi"):
+    with pytest.raises(longctx.ConfigError, match="model type 'bloom' uses ALiBi, not RoPE: RoPE scaling"):
         longctx.apply(model, rope={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(longctx.ConfigError, match=r"uses ALiBi, not RoPE: S²-Attn \(attention.type: s2\)"):
+        longctx.apply(model, attention={"type": "s2"})
+    longctx.apply(model, attention={"type": "full"}).remove()  # fine-tuning with full attention is allowed
+
+
+def test_unknown_family_is_refused_by_name():
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=50))
+    with pytest.raises(longctx.ConfigError, match="model type 'gpt2' is not supported by longctx.*ALiBi families"):
+        longctx.apply(model, attention={"type": "full"})
 
 
 def test_import_changes_nothing():
@@ -58,7 +67,7 @@ def test_import_changes_nothing():
     code = ("from transformers import AttentionInterface; import transformers.models.llama.modeling_llama as m; "
             "before = (dict(AttentionInterface._global_mapping), dict(vars(m.LlamaAttention))); import longctx; "
             "after = (dict(AttentionInterface._global_mapping), dict(vars(m.LlamaAttention))); "
-            "assert before == after; assert 'longctx_s2' not in after[0]")
+            "assert before == after; assert not any(k.startswith('longctx') for k in after[0])")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

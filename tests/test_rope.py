@@ -99,7 +99,7 @@ def test_research_reference_vectors(name):
     first4, last4, att, extra = REF[name]
     cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=2048)
     p = rope.resolve({"rope_type": name, "factor": 4.0, **extra}, cfg)
-    inv, a = rope.inv_freq(p)
+    inv, a = rope.frequencies(p)
     torch.testing.assert_close(inv[:4], torch.tensor(first4), rtol=2e-6, atol=0)
     torch.testing.assert_close(inv[-4:], torch.tensor(last4), rtol=2e-6, atol=0)
     assert math.isclose(a, att, rel_tol=1e-9)
@@ -107,7 +107,7 @@ def test_research_reference_vectors(name):
 
 def test_dynamic_at_8192_reference():
     cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=2048)
-    inv, _ = rope.inv_freq(rope.resolve({"rope_type": "dynamic", "factor": 4.0}, cfg), seq_len=8192)
+    inv, _ = rope.frequencies(rope.resolve({"rope_type": "dynamic", "factor": 4.0}, cfg), seq_len=8192)
     torch.testing.assert_close(inv[-4:], torch.tensor([3.117868e-05, 2.152405e-05, 1.485903e-05, 1.025786e-05]),
                                rtol=2e-6, atol=0)
 

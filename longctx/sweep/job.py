@@ -184,7 +184,7 @@ def make_job(sweep: Sweep, run: Run, torchrun: bool | None = None) -> Job:
 
 
 def eval_args(run: Run) -> list[str]:
-    """`longctx eval ppl` arguments for a training-free run: the base model with this run's rope."""
+    """`longctx eval ppl` arguments for a training-free run: the base model with this run's rope and method."""
     cfg = run.config
     d = cfg.data  # what a training run evaluates: data.eval whole, else the validation split of data.train
     train = d.train_sources()
@@ -199,4 +199,7 @@ def eval_args(run: Run) -> list[str]:
     rope = cfg.rope_dict()
     if rope:
         args += ["--rope", *(f"{k}={_yaml(v)}" for k, v in rope.items())]
+    method = cfg.method_dict()
+    if method:
+        args += ["--method", method.pop("name"), *(f"{k}={_yaml(v)}" for k, v in method.items())]
     return args

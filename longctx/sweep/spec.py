@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from longctx.config import Config, ConfigError, load_config, read_yaml
+from longctx.config import Config, ConfigError, load_config, read_yaml, train_problems
 from longctx.errors import validation_messages
 from longctx.sweep.names import _names, _yaml
 
@@ -40,7 +40,8 @@ class SweepFile(_Strict):
     name: str | None = Field(None, description="Sweep name (wandb group, SLURM job name); default: output_dir's name.")
     executor: Literal["local", "slurm", "debug"] = Field("local", description="Where the runs execute.")
     mode: Literal["train", "eval"] = Field("train", description="train: train then evaluate; eval: evaluate the "
-                                                                "base model with each run's rope (training-free).")
+                                                                "base model with each run's rope and method "
+                                                                "(training-free).")
     overrides: dict[str, Any] = Field({}, description="Dotted keys applied to every run.")
     grid: dict[str, list[Any]] = Field({}, description="Dotted key -> values; the runs are the cartesian product.")
     runs: list[dict[str, Any]] = Field([], description="Explicit runs (override dicts); combined with every grid point.")
@@ -167,6 +168,8 @@ def expand(sweep: Sweep) -> list[Run]:
         assert Path(cfg.train.output_dir) == run_dir, (cfg.train.output_dir, run_dir)
         if sf.mode == "eval" and not cfg.eval.lengths:
             errors.setdefault("eval.lengths: an eval sweep needs evaluation lengths", []).append(name)
+        for problem in (train_problems(cfg) if sf.mode == "train" else []):  # what `train` would refuse
+            errors.setdefault(problem, []).append(name)
         runs.append(Run(name=name, own=own, dir=run_dir, args=args, config=cfg))
     if errors:
         lines = [f"  - {msg} ({'all runs' if len(who) == len(owns) > 1 else 'run ' + ', '.join(who)})"
