@@ -385,16 +385,19 @@ def _dataset(cfg: Config, tokenizer, split: str):
 
 
 def save_final(cfg: Config, trainer: Trainer, handle, tokenizer) -> Path:
-    """RUN/final: adapter (or full weights), embed/norm weights, tokenizer and longctx.json."""
+    """RUN/final: adapter (or full weights) with the embed/norm weights as PEFT's modules_to_save, tokenizer and
+    longctx.json (with the base config values that plain PEFT needs: rope_parameters, max_position_embeddings)."""
     final = Path(cfg.train.output_dir) / "final"
     trainer.save_model(str(final))
     state_dict = trainable_state(trainer.model) if cfg.lora.enabled else {}
     if is_main_process():
-        if state_dict:
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / TRAINABLE))
+        if state_dict and not model_lib.add_modules_to_save(final, trainer.model, state_dict):
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / TRAINABLE))  # longctx loads it
         tokenizer.save_pretrained(str(final))
         info = {"base_model": cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file,
-                "train_seq_len": cfg.train.seq_len, "lora": cfg.lora.enabled, **handle.longctx_json(),
+                "train_seq_len": cfg.train.seq_len, "target_length": cfg.target_length, "lora": cfg.lora.enabled,
+                **handle.longctx_json(),
+                "max_position_embeddings": trainer.model.config.max_position_embeddings,
                 "steps": trainer.state.global_step, "config": cfg.model_dump(mode="json")}
         (final / "longctx.json").write_text(json.dumps(info, indent=1))
         log.info("final model in %s", final)
