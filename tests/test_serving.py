@@ -138,7 +138,8 @@ def test_serving_flags(tmp_path):
     rp, ctx = cfg["rope_parameters"], cfg["max_position_embeddings"]
     assert serving.llama_cpp_flags(rp, ctx) == "--ctx-size 256 --rope-scaling yarn --rope-scale 4 --yarn-orig-ctx 64"
     linear, _ = exported_config(tmp_path, SCHEMES["linear"])
-    assert serving.llama_cpp_flags(linear["rope_parameters"], 256) == "--ctx-size 256 --rope-scaling linear --rope-scale 4"
+    flags = serving.llama_cpp_flags(linear["rope_parameters"], 256)
+    assert flags == "--ctx-size 256 --rope-scaling linear --rope-scale 4"
     cmd = shlex.split(serving.vllm_command("BASE", rp, ctx, overrides=True))
     assert cmd[:5] == ["vllm", "serve", "BASE", "--max-model-len", "256"] and cmd[5] == "--hf-overrides"
     assert json.loads(cmd[6]) == {"rope_parameters": rp, "max_position_embeddings": 256}
