@@ -5,7 +5,7 @@
 1. Rebuild the run's model exactly as evaluation does (`evaluate.load_for_eval`), in float32: the base (never 4-bit:
    a QLoRA adapter merges into the 16-bit/float32 base, as LongQLoRA's merge does), the LoRA adapter, the
    embed/norm weights and the rope scaling from longctx.json.
-2. Its logits in eval mode (dense attention) on a fixed input longer than the original context (original +
+2. Its logits in eval mode (dense attention) on a fixed text longer than the original context (original +
    max(64, original/8) tokens, whatever the training length: issue 19): the reference.
 3. Merge LoRA into the base weights (PEFT `merge_and_unload`), cast to `--dtype` (default: the run's
    model.dtype), and write the weights, config.json, the tokenizer and a model card (README.md). config.json
@@ -62,6 +62,15 @@ def verify_positions(n: int) -> list[int]:
     return sorted(set(range(0, n, n // 256)) | set(range(n - 256, n)))
 
 
+def verify_input(tokenizer, n: int) -> torch.Tensor:
+    """[1, n] token ids of natural text: LongLoRA's passkey filler sentences, repeated. A model continues it with
+    confident tokens, so the greedy comparison with llama.cpp (`--gguf`) is not decided by near ties."""
+    from longctx.evaluate import PASSKEY_FILLER
+
+    piece = tokenizer(" ".join(PASSKEY_FILLER) + " ", add_special_tokens=False)["input_ids"]
+    return torch.tensor([(piece * (n // len(piece) + 1))[:n]])
+
+
 def target_length(info: dict) -> int:
     """The configured target context (`rope.max_position_embeddings`, default `train.seq_len`) from longctx.json.
 
@@ -113,7 +122,7 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
     original = int(rope_params.get("original_max_position_embeddings") or model.config.max_position_embeddings)
     n = verify_length(original)
     positions = torch.tensor(verify_positions(n))
-    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    ids = verify_input(tokenizer, n)
     with torch.no_grad():  # logits_to_keep: only the compared rows (a 9k-token SmolLM2 input has 1.8 GB of logits)
         ref = model(input_ids=ids.to(device), use_cache=False,
                     logits_to_keep=positions.to(device)).logits[0].float().cpu()
