@@ -88,9 +88,9 @@ def preflight(final: Path, info: dict, outtype: str, verify: bool = True) -> Pat
 
 
 def _model_type(info: dict) -> str:
-    from transformers import AutoConfig
+    from longctx.model import load_config
 
-    return AutoConfig.from_pretrained(info["base_model"], gguf_file=info.get("gguf_file")).model_type
+    return load_config(info["base_model"], info.get("gguf_file")).model_type
 
 
 def cache_dir() -> Path:
@@ -147,12 +147,11 @@ def run_converter(converter: Path, hf_dir: Path, outfile: Path, *args: str) -> s
 def check_tokenizer(final: Path, info: dict, converter: Path) -> None:
     """A --vocab-only conversion of the run's tokenizer with the base model's config: exit 2 if llama.cpp's
     converter does not know the tokenizer."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from longctx.model import load_tokenizer
+    from longctx.model import load_config, load_tokenizer
 
-    config = AutoConfig.from_pretrained(info["base_model"], gguf_file=info.get("gguf_file"))
+    config = load_config(info["base_model"], info.get("gguf_file"))
     if not config.architectures:  # a config read from a GGUF file names no class
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,8 +183,8 @@ def export_gguf(out: Path, converter: Path, outtype: str, config: dict, ids: tor
         raise GgufError(f"{gguf_path.name}: the GGUF metadata does not hold the export's RoPE scaling: "
                         + "; ".join(wrong))
     report = {"file": gguf_path.name, "outtype": outtype, "metadata_checked": True}
-    if ids is not None and reference is not None:
-        report.update(verify_llama_cpp(gguf_path, ids, reference, outtype, out))
+    if ids is not None and reference is not None:  # the reference stays in the report (for a caller's own checks)
+        report.update(verify_llama_cpp(gguf_path, ids, reference, outtype, out), reference=reference, input_ids=ids)
     return report
 
 

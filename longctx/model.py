@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LONGLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -72,6 +72,13 @@ def load_model(name_or_path: str, dtype: str = "float32", quantization: str | No
         # A 4-bit model cannot be moved after loading: put it on this process's device now (LongQLoRA does the same).
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def load_config(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The model config of a Hugging Face directory, a hub id or a GGUF file, as `load_model` reads it."""
+    name_or_path, gguf_file = _split_gguf(name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None,

