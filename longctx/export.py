@@ -120,6 +120,7 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
     device = next(model.parameters()).device
     rope_params = dict(model.config.rope_parameters or {})
     original = int(rope_params.get("original_max_position_embeddings") or model.config.max_position_embeddings)
+    target = max(target, original)  # no scaling and a short training length: the model keeps its original context
     n = verify_length(original)
     positions = torch.tensor(verify_positions(n))
     ids = verify_input(tokenizer, n)

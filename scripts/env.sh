@@ -3,7 +3,8 @@
 #   bash scripts/env.sh            (PYTHON=python3.11 TORCH_SPEC="torch==2.13.0" to choose)
 # torch is pinned first so that pip does not pull a different build through another package's range.
 # Then the `gguf` extra (llama-cpp-python, which checks `longctx export --gguf`): pip builds llama.cpp from source
-# once (about 45 min on 2 busy cores, CMAKE_BUILD_PARALLEL_LEVEL=2) and reuses the wheel from its cache afterwards.
+# once (59 min measured on 2 cores shared with other jobs, CMAKE_BUILD_PARALLEL_LEVEL=2) and reuses the wheel from
+# its cache afterwards.
 # Where it cannot build, the GGUF tests are skipped with the reason; .venv/.gguf-build-failed stops retries
 # (delete it to try again).
 set -euo pipefail
