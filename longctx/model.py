@@ -11,18 +11,20 @@ Full fine-tuning: don't call `add_lora` (every parameter of a loaded model alrea
 Names in `trainable_state_dict` are those of the plain transformers model ("model.norm.weight"), the same with
 or without the PEFT wrapper, so they load into a fresh, a LoRA-wrapped or a merged model alike. LongLoRA kept
 them out of the adapter and sliced a hard-coded prefix off to recover them (issues #53, #98); its QLoRA path
-lost them altogether (#123).
+lost them altogether (#123). In RUN/final, `add_modules_to_save` writes them into the adapter as PEFT's own
+`modules_to_save`, so plain PEFT loads the whole trained model (issue 15).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
 from longctx import dist, families
 from longctx.config import ConfigError
@@ -116,6 +118,13 @@ def load_model(name_or_path: str, dtype: str = "float32", quantization: str | No
         # A 4-bit model cannot be moved after loading: put it on this process's device now (LongQLoRA does the same).
         kwargs["device_map"] = {"": dist.local_device()}
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def load_config(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The model config of a Hugging Face directory, a hub id or a GGUF file, as `load_model` reads it."""
+    name_or_path, gguf_file = _split_gguf(name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None,
@@ -242,3 +251,41 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+PEFT_PREFIX = "base_model.model."  # PEFT's saved names: this prefix + the plain transformers name
+
+
+def add_modules_to_save(adapter_dir: str | Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Write `state` (`trainable_state_dict`: embed/norm) into the PEFT adapter saved in `adapter_dir` as PEFT's
+    `modules_to_save`, so `PeftModel.from_pretrained(base, adapter_dir)` alone loads the trained model.
+
+    adapter_config.json lists the modules (full paths: PEFT matches names by suffix, and "norm" alone would also
+    match every layer's norms); adapter_model.safetensors gets their weights under the names PEFT's own
+    `get_peft_model_state_dict` gives them. A tied output head (lm_head = embed_tokens) gets PEFT's
+    `ensure_weight_tying` (PEFT >= 0.18), which ties its copy to the trained embedding, and its weight is saved
+    too, as PEFT saves it. Training never uses modules_to_save (it would copy each weight, LongLoRA #79); this only
+    changes how RUN/final is written. Returns False, writing nothing, when a trained parameter belongs to a
+    LoRA-adapted layer (PEFT cannot wrap one module both ways): the caller keeps the weights in its own file.
+    """
+    from safetensors.torch import load_file, save_file
+
+    base = _base(model)
+    raw = dict(base.named_parameters(remove_duplicate=False))
+    if any(n.replace(".base_layer", "") in state and ".base_layer" in n for n in raw):
+        return False
+    modules = sorted({name.rsplit(".", 1)[0] for name in state})
+    by_tensor = {id(raw[n]): n for n in state}
+    tied = {n: by_tensor[id(p)] for n, p in raw.items() if n not in state and id(p) in by_tensor}
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    config = json.loads(config_path.read_text())
+    config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(modules))
+    if tied:
+        config["ensure_weight_tying"] = True
+    tensors = load_file(str(weights_path))
+    tensors.update({PEFT_PREFIX + n: v.detach().contiguous() for n, v in state.items()})
+    tensors.update({PEFT_PREFIX + alias: state[src].detach().clone().contiguous() for alias, src in tied.items()})
+    save_file(tensors, str(weights_path), metadata={"format": "pt"})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True

@@ -564,19 +564,22 @@ def _dataset(cfg: Config, tokenizer, split: str):
 
 
 def save_final(cfg: Config, trainer: Trainer, handle, tokenizer, run_id: str | None = None) -> Path:
-    """RUN/final: adapter (or full weights), embed/norm weights, tokenizer and longctx.json (written last: final/
-    without it is incomplete). A local base model is recorded as an absolute path (a hub id as it is), so final/
-    evaluates and exports from any working directory."""
+    """RUN/final: adapter (or full weights) with the embed/norm weights as PEFT's modules_to_save, tokenizer and
+    longctx.json, written last (final/ without it is incomplete), with the base config values that plain PEFT
+    needs (rope_parameters, max_position_embeddings). A local base model is recorded as an absolute path (a hub id
+    as it is), so final/ evaluates and exports from any working directory."""
     final = rundir.final_dir(cfg.train.output_dir)
     trainer.save_model(str(final))
     state_dict = trainable_state(trainer.model) if cfg.lora.enabled else {}
     if dist.is_main():
-        if state_dict:
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / rundir.TRAINABLE))
+        if state_dict and not model_lib.add_modules_to_save(final, trainer.model, state_dict):
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(final / rundir.TRAINABLE))  # longctx's
         tokenizer.save_pretrained(str(final))
         info = {"base_model": model_lib.absolute_source(cfg.model.name_or_path), "gguf_file": cfg.model.gguf_file,
                 "run_id": run_id, "cwd": os.getcwd(),
-                "train_seq_len": cfg.train.seq_len, "lora": cfg.lora.enabled, **handle.longctx_json(),
+                "train_seq_len": cfg.train.seq_len, "target_length": cfg.target_length, "lora": cfg.lora.enabled,
+                **handle.longctx_json(),
+                "max_position_embeddings": trainer.model.config.max_position_embeddings,
                 "steps": trainer.state.global_step, "config": cfg.model_dump(mode="json")}
         rundir.info_path(final).write_text(json.dumps(info, indent=1))
         log.info("final model in %s", final)

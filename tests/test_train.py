@@ -88,8 +88,8 @@ def test_kill9_then_resume_gives_uninterrupted_losses(micro, corpus, tmp_path):
     assert resumed.keys() == reference.keys()
     for step in reference:
         assert abs(resumed[step] - reference[step]) <= 1e-5, (step, resumed[step], reference[step])
-    ref_w = load_file(str(ref_dir / "final" / "trainable_params.safetensors"))
-    cut_w = load_file(str(cut_dir / "final" / "trainable_params.safetensors"))
+    ref_w = load_file(str(ref_dir / "final" / "adapter_model.safetensors"))  # LoRA + embed/norm
+    cut_w = load_file(str(cut_dir / "final" / "adapter_model.safetensors"))
     for k in ref_w:
         assert (ref_w[k] - cut_w[k]).abs().max() <= 1e-5, k
 
@@ -162,7 +162,7 @@ def test_qlora_step(micro, corpus, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", micro, corpus, out, max_steps=2, save_steps=2)
     run(cfg, "model.quantization=4bit", "lora.target_modules=all-linear")
     assert (out / "final" / "adapter_model.safetensors").is_file()
-    assert "model.embed_tokens.weight" in load_file(str(out / "final" / "trainable_params.safetensors"))
+    assert "base_model.model.model.embed_tokens.weight" in load_file(str(out / "final" / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
