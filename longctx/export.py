@@ -130,6 +130,8 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
     original = int(families.original_length(model.config) or trained)  # per layer type: the global layers' length
     target = max(target, original)  # no scaling and a short training length: the model keeps its original context
     n = verify_length(original)
+    if alibi:  # no original context to pass: checked up to the trained/target length (MPT cannot run past it)
+        n = min(n, target)
     positions = torch.tensor(verify_positions(n))
     ids = verify_input(tokenizer, n)
     with torch.no_grad():  # logits_to_keep: only the compared rows (a 9k-token SmolLM2 input has 1.8 GB of logits)
@@ -155,8 +157,8 @@ def export(final: str | Path, out: str | Path, dtype: str | None = None, verify:
               "target": target, "rope_parameters": config.get("rope_parameters"),
               "rope_scaling": config.get("rope_scaling"),
               "max_position_embeddings": config.get("max_position_embeddings"),
-              "legacy_warning": serving.legacy_factor_mismatch(config["rope_parameters"],
-                                                               config["max_position_embeddings"])}
+              "legacy_warning": None if alibi else serving.legacy_factor_mismatch(config["rope_parameters"],
+                                                                                  config["max_position_embeddings"])}
     if report["legacy_warning"]:
         log.warning("export: %s", report["legacy_warning"])
     greedy = gguf_export.GREEDY_TOKENS if gguf else 0
@@ -311,7 +313,11 @@ def model_card(info: dict, final: Path, config: dict, report: dict) -> str:
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("PATH")  # the scaling is in config.json',
               'tokenizer = AutoTokenizer.from_pretrained("PATH")', "```", ""]
-    lines += serving_section(rp, context, config.get("model_type", "llama"), report)
+    if rp:
+        lines += serving_section(rp, context, config.get("model_type", "llama"), report)
+    else:  # ALiBi (BLOOM, MPT): distances only, nothing to scale; runtimes need only the context length
+        lines += ["## Serve", "", "ALiBi model: no RoPE scaling to carry; pass the context length, e.g. "
+                  f"`vllm serve PATH --max-model-len {report['target']}`.", ""]
     if report.get("verified"):
         lines += [f"Verified at export: plain `AutoModelForCausalLM.from_pretrained` reproduces the longctx model's "
                   f"logits on {report['tokens']} tokens (max |difference| {report['max_abs_diff']:.2g}, tolerance "

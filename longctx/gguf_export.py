@@ -82,6 +82,10 @@ def preflight(final: Path, info: dict, outtype: str, verify: bool = True) -> Pat
     if verify and importlib.util.find_spec("llama_cpp") is None:
         raise ConfigError(f"--gguf: llama-cpp-python is not installed; it runs the check of the GGUF file: "
                           f"pip install 'llama-cpp-python=={LLAMA_CPP_PYTHON}' (or pip install 'longctx[gguf]')")
+    missing = [m for m in ("gguf", "sentencepiece") if importlib.util.find_spec(m) is None]
+    if missing:  # llama.cpp's converter imports both, even for a BPE tokenizer
+        raise ConfigError(f"--gguf: llama.cpp's converter needs {' and '.join(missing)}, not installed: "
+                          "pip install 'longctx[gguf]' (or pip install gguf sentencepiece)")
     converter = converter_dir()
     check_tokenizer(final, info, converter)
     return converter

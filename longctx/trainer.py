@@ -579,7 +579,7 @@ def save_final(cfg: Config, trainer: Trainer, handle, tokenizer, run_id: str | N
                 "run_id": run_id, "cwd": os.getcwd(),
                 "train_seq_len": cfg.train.seq_len, "target_length": cfg.target_length, "lora": cfg.lora.enabled,
                 **handle.longctx_json(),
-                "max_position_embeddings": trainer.model.config.max_position_embeddings,
+                "max_position_embeddings": getattr(trainer.model.config, "max_position_embeddings", None),  # ALiBi: none
                 "steps": trainer.state.global_step, "config": cfg.model_dump(mode="json")}
         rundir.info_path(final).write_text(json.dumps(info, indent=1))
         log.info("final model in %s", final)

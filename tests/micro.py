@@ -46,3 +46,19 @@ def make_micro_base(path: Path, max_pos: int = 64, seed: int = 0, family: str = 
     cls(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def trained_extras(final: Path) -> dict[str, torch.Tensor]:
+    """The embed/norm weights a run trained, by their plain transformers names, from RUN/final (or a checkpoint):
+    longctx's trainable_params.safetensors where it wrote one, else the adapter's PEFT modules_to_save entries
+    (issue 15: a plain PEFT adapter), whose saved names are `base_model.model.<name>` (PEFT's own spelling)."""
+    from safetensors.torch import load_file
+
+    from longctx import rundir
+    from longctx.model import PEFT_PREFIX
+
+    final = Path(final)
+    if (final / rundir.TRAINABLE).exists():
+        return load_file(str(final / rundir.TRAINABLE))
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    return {k[len(PEFT_PREFIX):]: v for k, v in adapter.items() if "lora_" not in k}

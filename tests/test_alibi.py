@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import BloomConfig, BloomForCausalLM, MptConfig, MptForCausalLM
 
 import longctx
-from micro import make_micro_base
+from micro import make_micro_base, trained_extras
 from reference import tiny_model
 
 
@@ -167,7 +167,7 @@ def test_fine_tune_with_lora_embed_norm_and_full_attention(family, names, corpus
     final = train(load_config(data=data))
     info = json.loads((final / "longctx.json").read_text())
     assert info["steps"] == 3 and info["attention"]["type"] == "full" and info["rope"] is None
-    extras = load_file(str(final / "trainable_params.safetensors"))
+    extras = trained_extras(final)
     before = load_file(str(base / "model.safetensors"))
     for name in names:
         trained = [k for k in extras if name in k]

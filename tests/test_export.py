@@ -249,6 +249,7 @@ def test_gguf_refuses_a_scheme_llama_cpp_cannot_express(run, tmp_path, capsys):
 @pytest.mark.slow  # fetches llama.cpp's converter once (a 77 MB sdist), then ~15 s
 def test_gguf_refuses_a_tokenizer_llama_cpp_does_not_know(run, tmp_path, capsys):
     # The micro tokenizer is a custom BPE: llama.cpp's converter cannot name its pre-tokenizer.
+    pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports it (the gguf extra)")
     assert main(["export", str(run / "final"), "--out", str(tmp_path / "o"), "--gguf", "--no-verify"]) == 2
     err = capsys.readouterr().err
     assert "does not know this run's tokenizer" in err and "BPE pre-tokenizer was not recognized" in err

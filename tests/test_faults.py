@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from longctx import rundir
+from micro import trained_extras
 from longctx.config import ConfigError, load_config
 from longctx.sweep.state import running_here
 from longctx.trainer import resolve_resume
@@ -285,7 +286,7 @@ def test_a_run_killed_before_final_writes_it_from_its_last_checkpoint(micro, cor
     assert "writing final/ from checkpoint-4 without another step" in proc.stderr
     assert final_steps(run) == 4 and trained_steps(run) == [1, 2, 3, 4]
     ckpt = load_file(str(run / "checkpoint-4" / rundir.TRAINABLE))
-    final = load_file(str(run / "final" / rundir.TRAINABLE))
+    final = trained_extras(run / "final")
     assert all((ckpt[k] == final[k]).all() for k in ckpt)  # exactly the checkpoint's weights
 
 
