@@ -275,7 +275,7 @@ def model_card(info: dict, final: Path, config: dict, report: dict) -> str:
     """README.md: base model, scheme, lengths, data, evaluation tables, how it was verified, how to serve it."""
     cfg = info.get("config") or {}
     base = info.get("base_model", "?")
-    rp = config.get("rope_parameters") or {}
+    rp = serving.global_rope(config.get("rope_parameters") or {})
     att = info.get("attention") or {}
     lora, data, train = cfg.get("lora") or {}, cfg.get("data") or {}, cfg.get("train") or {}
     front = ["---", "library_name: transformers", "tags: [longctx, long-context, rope-scaling]"]

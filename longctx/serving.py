@@ -33,6 +33,13 @@ YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1}  # llama.cpp's fixed values (a
 LLAMA_CPP_LLAMA3 = ("llama", "mistral")  # model types whose llama.cpp converter writes llama3's rope_freqs
 
 
+def global_rope(rope_parameters: dict[str, Any]) -> dict[str, Any]:
+    """The scaling that sets the context: the global layers' dict when it is given per layer type (Gemma-3's
+    {"full_attention": ..., "sliding_attention": ...}; the sliding layers never see past their window), else itself."""
+    rp = rope_parameters
+    return rp["full_attention"] if isinstance(rp.get("full_attention"), dict) else rp
+
+
 def legacy_rope_fields(rope_parameters: dict[str, Any]) -> dict[str, Any]:
     """The transformers-4 spelling of `rope_parameters`: top-level `rope_theta` (and `partial_rotary_factor`) and,
     for a scaled type, `rope_scaling` with the same keys otherwise. transformers 5 itself prefers `rope_scaling`
@@ -57,7 +64,7 @@ def legacy_rope_fields(rope_parameters: dict[str, Any]) -> dict[str, Any]:
 def legacy_factor_mismatch(rope_parameters: dict[str, Any], max_position_embeddings: int) -> str | None:
     """transformers 4.45-4.5x recompute the yarn (and longrope) factor as max_position_embeddings / original length
     and ignore the written one; a sentence when that differs from `factor`, else None."""
-    rp = rope_parameters
+    rp = global_rope(rope_parameters)
     if rp.get("rope_type") not in ("yarn", "longrope") or "factor" not in rp:
         return None
     implied = max_position_embeddings / rp["original_max_position_embeddings"]
