@@ -4,8 +4,8 @@ Real Context Size of Your Long-Context Language Models?", NVIDIA/RULER scripts/d
     longctx eval multikey --model runs/x/final --lengths 256,512,1024 --depths 0,0.5,1 --trials 5 --out runs/x/eval
     longctx eval multivalue ...   longctx eval vartrack ...   (the same flags as `longctx eval passkey`)
 
-One registry, TASKS: name -> Task(build, score, help). `build(n, depth, rng)` is a pure prompt builder:
-n filler sentences (the passkey's, which are RULER's "noise" haystack), the depth in [0, 1] and a seeded
+One registry, TASKS: name -> Task(build, score, tokens_to_generate, help). `build(n, depth, rng)` is a pure prompt
+builder: n filler sentences (the passkey's, which are RULER's "noise" haystack), the depth in [0, 1] and a seeded
 random.Random -> Prompt(text, answers). It draws every key and value first and only then the positions, so the
 keys stay the same while the length search (evaluate.longest_filler) tries different n. The needle the depth
 places sits on its own line after round(depth * n) filler sentences, as the passkey's key line does:
@@ -21,9 +21,9 @@ The templates are RULER's (its `template` + `answer_prefix`, singular wording wh
 
 Scoring is RULER's string_match_all: the fraction of the expected strings found in the generated text (case-
 insensitive); a cell's accuracy is the mean over its trials (passkey keeps its own: the first number is the key).
-Greedy decoding of as many new tokens as the expected answers take written out (" A, B, C.") plus 2 per answer
-(passkey: the same as evaluate.passkey), instead of RULER's fixed budgets (128 for NIAH, 30 for vartrack): a CPU
-run need not decode 128 tokens per trial, and 30 tokens cut a correct vartrack answer with a small tokenizer.
+Greedy decoding of RULER's tokens_to_generate (128 for NIAH, 30 for vartrack; a model may answer verbosely, as
+SmolLM2 writes "A) VAR ABCDE\nB) VAR ..."), or more when the expected answers written out (" A, B, C.") plus 2 per
+answer take more (a small tokenizer); passkey keeps evaluate.passkey's budget (the answer's tokens + 2).
 
 Differences from RULER, all for a local, tokenizer-independent, CPU-sized evaluation: the haystack is always the
 noise filler (no Paul Graham essays to download); keys come from the small word lists below (RULER draws from the
@@ -56,6 +56,7 @@ class Prompt:
 class Task:
     build: Callable[[int, float, random.Random], Prompt]
     score: Callable[[str, list[str]], float]
+    tokens_to_generate: int  # RULER's generation budget (constants.py), a floor here
     help: str
 
 
@@ -177,12 +178,12 @@ def build_vartrack(n: int, depth: float, rng: random.Random, hops: int = 4) -> P
 
 
 TASKS: dict[str, Task] = {
-    "passkey": Task(build_passkey, passkey_score, "passkey retrieval (evaluate.passkey, as a task)"),
-    "multikey": Task(build_multikey, string_match_all,
+    "passkey": Task(build_passkey, passkey_score, 0, "passkey retrieval (evaluate.passkey, as a task)"),
+    "multikey": Task(build_multikey, string_match_all, 128,
                      "multi-key needle (RULER niah_multikey_1): 4 keys in the haystack, retrieve one's value"),
-    "multivalue": Task(build_multivalue, string_match_all,
+    "multivalue": Task(build_multivalue, string_match_all, 128,
                        "multi-value needle (RULER niah_multivalue): retrieve all 4 values of one key"),
-    "vartrack": Task(build_vartrack, string_match_all,
+    "vartrack": Task(build_vartrack, string_match_all, 30,
                      "variable tracking (RULER vt): all names a chain of 4 assignments gives one value"),
 }
 
@@ -214,9 +215,10 @@ def task_prompt(name: str, tokenizer, length: int, depth: float, seed: int = 0, 
     return {"text": prompt.text, "input_ids": ids, "answers": prompt.answers, "tokens": len(ids), "filler": n}
 
 
-def new_tokens(tokenizer, answers: list[str]) -> int:
-    """Enough new tokens for the answers written out, however the tokenizer splits them (module doc)."""
-    return len(tokenizer(" " + ", ".join(answers) + ".", add_special_tokens=False).input_ids) + 2 * len(answers)
+def new_tokens(name: str, tokenizer, answers: list[str]) -> int:
+    """RULER's budget, or enough new tokens for the answers written out however the tokenizer splits them."""
+    written = len(tokenizer(" " + ", ".join(answers) + ".", add_special_tokens=False).input_ids)
+    return max(TASKS[name].tokens_to_generate, written + 2 * len(answers))
 
 
 def evaluate_task(name: str, model, tokenizer, lengths: list[int], depths: list[float], trials: int = 5,
@@ -241,7 +243,7 @@ def evaluate_task(name: str, model, tokenizer, lengths: list[int], depths: list[
             for t in tqdm(range(trials), desc=f"{name}@{L} depth {d}", leave=False):
                 prompt = task_prompt(name, tokenizer, L, d, seed, t)
                 answer = ev.passkey_answer(model, tokenizer, prompt["input_ids"],
-                                           new_tokens(tokenizer, prompt["answers"]))
+                                           new_tokens(name, tokenizer, prompt["answers"]))
                 score = TASKS[name].score(answer, prompt["answers"])
                 total += score
                 correct += score == 1.0

@@ -142,6 +142,16 @@ def test_string_match_all_by_hand(prediction, answers, score):
     assert tasks.string_match_all(prediction, answers) == score
 
 
+def test_generation_budgets(tokenizer):
+    # passkey: evaluate.passkey's (the key's tokens + 2); RULER's at least (constants.py: niah 128, vt 30); and never
+    # fewer than the expected answers written out take (the micro tokenizer needs 35 for 5 vartrack names)
+    assert tasks.new_tokens("passkey", tokenizer, ["12345"]) == len(tokenizer(" 12345.").input_ids) + 2
+    assert tasks.new_tokens("multikey", tokenizer, ["1234567"]) == 128
+    names = ["HMUED", "VZGIT", "DJXTN", "GLHDM", "HLETK"]
+    written = len(tokenizer(" HMUED, VZGIT, DJXTN, GLHDM, HLETK.").input_ids)
+    assert written > 30 and tasks.new_tokens("vartrack", tokenizer, names) == written + 10
+
+
 def test_passkey_score_is_evaluates():
     assert tasks.passkey_score(" 12345.", ["12345"]) == 1.0 and tasks.passkey_score(" 123456", ["12345"]) == 0.0
 
