@@ -134,12 +134,19 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> dict:
         raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before the "
                           f"question), got {depth}")
 
-    def count(n: int) -> int:
-        return len(tokenizer("".join(_passkey_parts(n, depth, key))).input_ids)
+    n = longest_filler(lambda n: len(tokenizer("".join(_passkey_parts(n, depth, key))).input_ids), length)
+    before, after = _passkey_parts(n, depth, key)
+    ids = tokenizer(before + after).input_ids
+    return {"text": before + after, "input_ids": ids, "key": key, "tokens": len(ids), "filler": n,
+            "key_sentence": round(depth * n), "key_start": len(tokenizer(before).input_ids)}
 
+
+def longest_filler(count, length: int, what: str = "passkey") -> int:
+    """The largest number n of filler sentences whose prompt takes count(n) <= `length` tokens (every prompt of
+    longctx.tasks is fitted here too; `what` names the prompt in the error)."""
     empty = count(0)
     if empty > length:
-        raise ConfigError(f"--lengths: {length} tokens cannot hold the passkey prompt, which is {empty} tokens "
+        raise ConfigError(f"--lengths: {length} tokens cannot hold the {what} prompt, which is {empty} tokens "
                           "without any filler")
     per = (count(10 * len(PASSKEY_FILLER)) - empty) / (10 * len(PASSKEY_FILLER))  # tokens per filler sentence
     n, seen = max(0, int((length - empty) / per)), set()
@@ -150,10 +157,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> dict:
         n -= 1
     while count(n + 1) <= length:
         n += 1
-    before, after = _passkey_parts(n, depth, key)
-    ids = tokenizer(before + after).input_ids
-    return {"text": before + after, "input_ids": ids, "key": key, "tokens": len(ids), "filler": n,
-            "key_sentence": round(depth * n), "key_start": len(tokenizer(before).input_ids)}
+    return n
 
 
 def passkey_correct(generated: str, key: str) -> bool:
@@ -368,24 +372,26 @@ def plot_ppl(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_passkey(result: dict, out: Path) -> None:
-    """passkey.json (accuracy per length and depth), passkey.md (a table) and passkey.png (a depth x length heatmap)."""
+def write_passkey(result: dict, out: Path, name: str = "passkey") -> None:
+    """passkey.json (accuracy per length and depth), passkey.md (a table) and passkey.png (a depth x length heatmap);
+    `name` for the other tasks of longctx.tasks (multikey.json, ...)."""
     out.mkdir(parents=True, exist_ok=True)
     acc = {str(L): {str(d): c["accuracy"] for d in result["depths"] for c in result["cells"]
                     if c["length"] == L and c["depth"] == d} for L in result["lengths"]}
     by_length = {str(L): sum(v.values()) / len(v) for L, v in acc.items()}
-    (out / "passkey.json").write_text(json.dumps({**result, "accuracy": acc, "accuracy_by_length": by_length},
+    (out / f"{name}.json").write_text(json.dumps({**result, "accuracy": acc, "accuracy_by_length": by_length},
                                                  indent=1))
     lines = ["| depth | " + " | ".join(f"{L} tok" for L in result["lengths"]) + " |",
              "|---|" + "---|" * len(result["lengths"])]
     for d in result["depths"]:
         lines.append(f"| {d:g} | " + " | ".join(f"{acc[str(L)][str(d)]:.2f}" for L in result["lengths"]) + " |")
     lines.append("| all | " + " | ".join(f"{by_length[str(L)]:.2f}" for L in result["lengths"]) + " |")
-    (out / "passkey.md").write_text("\n".join(lines) + "\n")
-    plot_passkey(result["lengths"], result["depths"], acc, out / "passkey.png", result.get("model"))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot_passkey(result["lengths"], result["depths"], acc, out / f"{name}.png", result.get("model"), name)
 
 
-def plot_passkey(lengths: list[int], depths: list[float], acc: dict, path: Path, title: str | None = None) -> None:
+def plot_passkey(lengths: list[int], depths: list[float], acc: dict, path: Path, title: str | None = None,
+                 name: str = "passkey") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,7 +407,7 @@ def plot_passkey(lengths: list[int], depths: list[float], acc: dict, path: Path,
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("key depth")
-    ax.set_title(f"passkey accuracy{': ' + title if title else ''}", fontsize=9)
+    ax.set_title(f"{name} accuracy{': ' + title if title else ''}", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -594,7 +600,8 @@ def cmd_passkey(args) -> int:
 def add_parsers(sub) -> None:
     from longctx.cli import number
 
-    e = sub.add_parser("eval", help="evaluate: perplexity vs length, passkey retrieval")
+    e = sub.add_parser("eval", help="evaluate: perplexity vs length, passkey and RULER retrieval tasks, "
+                                    "per-position loss")
     esub = e.add_subparsers(dest="eval_command", required=True)
     p = esub.add_parser("ppl", help="perplexity at several context lengths")
     p.add_argument("--model", nargs="+", required=True, help="RUN/final, an exported dir, or a base model")
@@ -625,3 +632,8 @@ def add_parsers(sub) -> None:
     add_method_args(k)
     k.add_argument("--out", required=True, help="output directory (passkey.json, passkey.md, passkey.png)")
     k.set_defaults(func=cmd_passkey)
+
+    from longctx import position_loss, tasks  # multikey, multivalue, vartrack; position-loss
+
+    tasks.add_parsers(esub)
+    position_loss.add_parser(esub)
