@@ -331,7 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if data is not None:
         raw = _deep_merge(raw, copy.deepcopy(data))
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return validate(raw, source=str(path) if path else "config")
 
 
@@ -432,7 +432,7 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.max_steps=10")

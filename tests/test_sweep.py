@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 
 from longctx import sweep as sweep_lib
 from longctx.cli import main
+from longctx.sweep.job import log_tail
+from longctx.sweep.names import run_names
+from longctx.sweep.state import hostname, pid_stamps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +71,7 @@ def test_run_names_are_derived_from_overrides_and_unique():
     assert sweep_lib.run_name({"rope.rope_type": "yarn", "rope.factor": 4}) == "rope_type-yarn__factor-4"
     assert sweep_lib.run_name({"rope.factor": 4.0, "data.train": "a/b c"}) == "factor-4__train-a_b_c"
     assert sweep_lib.run_name({}) == "base"
-    names = sweep_lib._names([{"rope.alpha": 2}, {"lora.alpha": 2}, {"rope.alpha": 3}])
+    names = run_names([{"rope.alpha": 2}, {"lora.alpha": 2}, {"rope.alpha": 3}])
     assert names == ["rope.alpha-2", "lora.alpha-2", "alpha-3"]
 
 
@@ -134,7 +137,7 @@ def done_sweep(base, tmp_path_factory):
                        max_parallel=2, grid={"rope.rope_type": ["linear", "yarn"], "rope.factor": [2, 4]})
     t0 = time.time()
     rc = main(["sweep", str(path)])
-    assert rc == 0, [sweep_lib._tail(p, 30) for p in (d / "out" / "logs").glob("*.log")]
+    assert rc == 0, [log_tail(p, 30) for p in (d / "out" / "logs").glob("*.log")]
     return path, d / "out", time.time() - t0
 
 
@@ -246,12 +249,12 @@ def test_preemption_checkpoints_requeues_and_resumes(base, tmp_path):
     sj = sweep_lib.make_executor(sweep).submit(job)
     deadline = time.time() + 300
     while not (run.dir / "checkpoint-2" / sweep_lib.COMPLETE).is_file():
-        assert not sj.done() and time.time() < deadline, sweep_lib._tail(job.log, 40)
+        assert not sj.done() and time.time() < deadline, log_tail(job.log, 40)
         time.sleep(0.2)
     tasks = [p for p in psutil.Process(sj._process.pid).children(recursive=True) if "submitit.core._submit" in cmdline(p)]
     assert len(tasks) == 1
     os.kill(tasks[0].pid, signal.SIGUSR1)  # what SLURM sends signal_delay_s before the time limit
-    assert sj.result() == str(run.dir), sweep_lib._tail(job.log, 40)
+    assert sj.result() == str(run.dir), log_tail(job.log, 40)
     log = job.log.read_text()
     assert "preemption signal" in log and "saving a checkpoint at the end of this step" in log
     resumed_from = int(log.split(": resuming from checkpoint-")[1].split()[0])
@@ -294,12 +297,11 @@ def test_run_still_running_on_this_machine_is_not_started_twice(base, tmp_path, 
                        grid={"rope.factor": [2]})
     run_dir = tmp_path / "out" / "factor-2"
     run_dir.mkdir(parents=True)
-    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": sweep_lib._host(),
-                                                         "pids": sweep_lib._pid_stamps([os.getpid()])}))
+    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": hostname(), "pids": pid_stamps([os.getpid()])}))
     rc, out, _ = sweep_cli(capsys, path)
     assert rc == 0 and f"still queued or running as process {os.getpid()}" in out
     assert not (tmp_path / "out" / "logs" / "factor-2.log").exists()
-    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": sweep_lib._host(), "pids": {"1": 0.0}}))  # stale
+    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": hostname(), "pids": {"1": 0.0}}))  # stale
     assert sweep_lib.running_here(run_dir) is None
 
 
