@@ -19,7 +19,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from longctx.loss import causal_lm_loss, lm_head_passthrough, shift_causal_labels
 from longctx.model import add_lora
-from micro import make_micro_base
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, T = 300, 37  # T x batch 2 = 74 tokens: chunk 7 does not divide it
@@ -222,26 +221,10 @@ def test_trainer_falls_back_when_logits_are_changed_after_the_head(tmp_path):
     assert abs(loss.item() - model(input_ids=ids, labels=labels).loss.item()) <= 1e-6
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    return make_micro_base(tmp_path_factory.mktemp("micro") / "base")
-
-
-def _run(tmp_path: Path, micro: Path, name: str, chunked: bool) -> tuple[Path, str]:
-    import sysconfig
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir(exist_ok=True)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for f in ("textwrap.py", "string.py", "bisect.py"):
-        (corpus / (f + ".txt")).write_text((stdlib / f).read_text(encoding="utf-8"), encoding="utf-8")
+def _run(tmp_path: Path, train_config, name: str, chunked: bool) -> tuple[Path, str]:
     out = tmp_path / name
-    cfg = {"model": {"name_or_path": str(micro)}, "rope": {"rope_type": "yarn", "factor": 2.0},
-           "attention": {"type": "s2", "group_size_ratio": 0.25}, "data": {"train": str(corpus), "num_proc": 1},
-           "train": {"output_dir": str(out), "seq_len": 128, "max_steps": 3, "learning_rate": 3e-3,
-                     "warmup_steps": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-                     "logging_steps": 1, "save_steps": 3, "gradient_checkpointing": True, "seed": 7,
-                     "chunked_loss": chunked, "loss_chunk_size": 100}}
+    cfg = train_config(out, train={"gradient_accumulation_steps": 2, "gradient_checkpointing": True,
+                                   "chunked_loss": chunked, "loss_chunk_size": 100})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(path)], capture_output=True, text=True,
@@ -250,9 +233,9 @@ def _run(tmp_path: Path, micro: Path, name: str, chunked: bool) -> tuple[Path, s
     return out, proc.stderr
 
 
-def test_training_run_same_losses_with_chunked_loss_on_and_off(micro, tmp_path):
-    on, err_on = _run(tmp_path, micro, "on", True)
-    off, err_off = _run(tmp_path, micro, "off", False)
+def test_training_run_same_losses_with_chunked_loss_on_and_off(train_config, tmp_path):
+    on, err_on = _run(tmp_path, train_config, "on", True)
+    off, err_off = _run(tmp_path, train_config, "off", False)
     assert "chunked lm_head + cross-entropy, 100 tokens per chunk" in err_on
     assert "train.chunked_loss" not in err_off
 

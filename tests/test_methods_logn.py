@@ -89,19 +89,17 @@ def test_refuses_eager():
         longctx.apply(model, method={"name": "logn"})
 
 
-def test_trains_through_the_config_and_export_refuses(micro, corpus, tmp_path, capsys):
+def test_trains_through_the_config_and_export_refuses(train_config, tmp_path, capsys):
     """`method: {name: logn}` in a training config: trained with it (recorded in longctx.json), rebuilt with it by
     evaluation, and `longctx export` exits 2 naming the reason."""
     from longctx.config import load_config
     from longctx.evaluate import load_for_eval
     from longctx.trainer import train
 
-    cfg = load_config(data={
-        "model": {"name_or_path": str(micro)}, "method": {"name": "logn", "train_length": 32},
-        "attention": {"type": "s2", "group_size_ratio": 0.25}, "data": {"train": str(corpus), "num_proc": 1},
-        "train": {"output_dir": str(tmp_path / "run"), "seq_len": 64, "max_steps": 2, "warmup_steps": 0,
-                  "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "save_steps": 100,
-                  "gradient_checkpointing": False}})
+    cfg = load_config(data=train_config(
+        tmp_path / "run", rope=None, method={"name": "logn", "train_length": 32},
+        train={"seq_len": 64, "max_steps": 2, "warmup_steps": 0, "per_device_train_batch_size": 1,
+               "save_steps": 100}))
     final = train(cfg)
     info = json.loads((final / "longctx.json").read_text())
     assert info["method"] == {"name": "logn", "train_length": 32}

@@ -26,18 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def base(micro, corpus, tmp_path_factory):
+def base(train_config, tmp_path_factory):
     """A micro training config: 3 steps of 128 tokens, checkpoints at 2 and 3, PPL at 64 and 128."""
-    cfg = {
-        "model": {"name_or_path": str(micro)},
-        "rope": {"rope_type": "yarn", "factor": 2.0},
-        "attention": {"type": "s2", "group_size_ratio": 0.25},
-        "data": {"train": str(corpus), "num_proc": 1},
-        "train": {"output_dir": "unused", "seq_len": 128, "max_steps": 3, "learning_rate": 3e-3, "warmup_steps": 1,
-                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
-                  "save_steps": 2, "gradient_checkpointing": False, "seed": 7},
-        "eval": {"lengths": [64, 128], "max_tokens": 200},
-    }
+    cfg = train_config("unused", train={"save_steps": 2}, eval={"lengths": [64, 128], "max_tokens": 200})
     path = tmp_path_factory.mktemp("base") / "base.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -17,17 +17,11 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(path: Path, micro: Path, corpus: Path, out: Path, **train) -> Path:
-    cfg = {
-        "model": {"name_or_path": str(micro)},
-        "rope": {"rope_type": "yarn", "factor": 2.0},
-        "attention": {"type": "s2", "group_size_ratio": 0.25},
-        "data": {"train": str(corpus), "num_proc": 1},
-        "train": {"output_dir": str(out), "seq_len": 128, "max_steps": 8, "learning_rate": 3e-3, "warmup_steps": 2,
-                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "logging_steps": 1,
-                  "save_steps": 2, "gradient_checkpointing": True, "seed": 7, "lr_scheduler_type": "cosine",
-                  **train},
-    }
+def write_config(path: Path, train_config, out: Path, **train) -> Path:
+    """8 steps of 2 x 2 x 128 tokens, a checkpoint every 2, gradient checkpointing, a cosine schedule."""
+    cfg = train_config(out, train={"max_steps": 8, "warmup_steps": 2, "gradient_accumulation_steps": 2,
+                                   "save_steps": 2, "gradient_checkpointing": True, "lr_scheduler_type": "cosine",
+                                   **train})
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -45,9 +39,9 @@ def losses(run_dir: Path, checkpoint: str) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
-def test_run_end_to_end_writes_complete_checkpoints(micro, corpus, tmp_path):
+def test_run_end_to_end_writes_complete_checkpoints(train_config, tmp_path):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, out, max_steps=4)
+    cfg = write_config(tmp_path / "c.yaml", train_config, out, max_steps=4)
     run(cfg, "eval.lengths=[64,128]", "eval.max_tokens=500")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     for ckpt in out.glob("checkpoint-*"):
@@ -67,13 +61,13 @@ def test_run_end_to_end_writes_complete_checkpoints(micro, corpus, tmp_path):
     assert (out / "eval" / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_kill9_then_resume_gives_uninterrupted_losses(micro, corpus, tmp_path):
+def test_kill9_then_resume_gives_uninterrupted_losses(train_config, tmp_path):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    run(write_config(tmp_path / "ref.yaml", micro, corpus, ref_dir))
+    run(write_config(tmp_path / "ref.yaml", train_config, ref_dir))
     reference = losses(ref_dir, "checkpoint-8")
     assert len(reference) == 8
 
-    cfg = write_config(tmp_path / "cut.yaml", micro, corpus, cut_dir)
+    cfg = write_config(tmp_path / "cut.yaml", train_config, cut_dir)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -94,9 +88,9 @@ def test_kill9_then_resume_gives_uninterrupted_losses(micro, corpus, tmp_path):
         assert (ref_w[k] - cut_w[k]).abs().max() <= 1e-5, k
 
 
-def test_half_written_checkpoint_is_skipped(micro, corpus, tmp_path):
+def test_half_written_checkpoint_is_skipped(train_config, tmp_path):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, out, max_steps=4)
+    cfg = write_config(tmp_path / "c.yaml", train_config, out, max_steps=4)
     run(cfg)
     # A save killed half-way: directory and some files, no completion marker. It must not be picked.
     bad = out / "checkpoint-6"
@@ -108,18 +102,18 @@ def test_half_written_checkpoint_is_skipped(micro, corpus, tmp_path):
     assert state["global_step"] == 6 and (out / "checkpoint-6" / "longctx_complete.json").is_file()
 
 
-def test_resume_with_changed_shape_is_refused(micro, corpus, tmp_path):
+def test_resume_with_changed_shape_is_refused(train_config, tmp_path):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, out, max_steps=2)
+    cfg = write_config(tmp_path / "c.yaml", train_config, out, max_steps=2)
     run(cfg)
     proc = run(cfg, "lora.r=4", "train.max_steps=4", check=False)
     assert proc.returncode == 2
     assert "lora.r: checkpoint has 8, config has 4" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_0(micro, corpus, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_0(train_config, tmp_path):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, out, max_steps=10_000, save_steps=10_000)
+    cfg = write_config(tmp_path / "c.yaml", train_config, out, max_steps=10_000, save_steps=10_000)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -136,9 +130,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(micro, corpus, tmp_path):
     assert "saving a checkpoint" in err and not (out / "final").exists()
 
 
-def test_nan_loss_stops_with_a_message(micro, corpus, tmp_path):
+def test_nan_loss_stops_with_a_message(train_config, tmp_path):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, out, max_steps=30, save_steps=1, learning_rate=1e12,
+    cfg = write_config(tmp_path / "c.yaml", train_config, out, max_steps=30, save_steps=1, learning_rate=1e12,
                        max_grad_norm=1e12, warmup_steps=0, lr_scheduler_type="constant")
     proc = run(cfg, check=False)
     assert proc.returncode == 1
@@ -151,15 +145,15 @@ def test_nan_loss_stops_with_a_message(micro, corpus, tmp_path):
     (["train.seq_len"], "expected key.path=value"),
     (["attention.group_size_ratio=0.3"], "does not divide train.seq_len=128"),
 ])
-def test_bad_cli_overrides_exit_2(micro, corpus, tmp_path, args, message):
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "run")
+def test_bad_cli_overrides_exit_2(train_config, tmp_path, args, message):
+    cfg = write_config(tmp_path / "c.yaml", train_config, tmp_path / "run")
     proc = run(cfg, *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_qlora_step(micro, corpus, tmp_path):
+def test_qlora_step(train_config, tmp_path):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, out, max_steps=2, save_steps=2)
+    cfg = write_config(tmp_path / "c.yaml", train_config, out, max_steps=2, save_steps=2)
     run(cfg, "model.quantization=4bit", "lora.target_modules=all-linear")
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert "base_model.model.model.embed_tokens.weight" in load_file(str(out / "final" / "adapter_model.safetensors"))
@@ -167,10 +161,10 @@ def test_qlora_step(micro, corpus, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_deepspeed_two_processes_train_and_resume(micro, corpus, tmp_path, zero):
+def test_deepspeed_two_processes_train_and_resume(train_config, tmp_path, zero):
     """torchrun --nproc_per_node 2 with DeepSpeed ZeRO on the CPU; then resume under DeepSpeed."""
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, out, max_steps=4, save_steps=2)
+    cfg = write_config(tmp_path / "c.yaml", train_config, out, max_steps=4, save_steps=2)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py"),
                 str(cfg), f"train.deepspeed=configs/deepspeed/{zero}.json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -186,8 +180,8 @@ def test_deepspeed_two_processes_train_and_resume(micro, corpus, tmp_path, zero)
     assert sorted(steps) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in steps.values())
 
 
-def test_lora_names_the_model_lacks_exit_2(micro, corpus, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "run")
+def test_lora_names_the_model_lacks_exit_2(train_config, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", train_config, tmp_path / "run")
     proc = run(cfg, "lora.trainable_params=[embed, layernorm_xyz]", check=False)
     assert proc.returncode == 2 and "trainable_params: 'layernorm_xyz' matches no parameter name" in proc.stderr
     proc = run(cfg, "lora.target_modules=[qkv_proj]", check=False)
