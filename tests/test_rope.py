@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import longctx
@@ -54,20 +55,24 @@ def test_patched_model_matches_transformers_rotary(name):
     handle.remove()
 
 
-def test_ntk_matches_closed_form_and_exports_as_default():
+def test_ntk_equals_transformers_dynamic_ntk_at_the_same_scale_and_exports_as_default():
+    """Fixed NTK-aware scaling by alpha is transformers' dynamic NTK at the length where its scale
+    (factor x seq_len / original - (factor - 1)) equals alpha: factor = alpha = 8, seq_len = 64 x 15 / 8 = 120."""
     model = tiny_model(max_pos=ORIG, dtype=torch.float32, head_dim=8)
+    native = model.model.rotary_emb.inv_freq.clone()
     handle = longctx.apply(model, rope={"rope_type": "ntk", "alpha": 8.0})
-    d = 8
-    theta = 1e4 * 8.0 ** (d / (d - 2))
-    want = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
-    torch.testing.assert_close(model.model.rotary_emb.inv_freq, want, rtol=1e-6, atol=0)
-    rp = model.config.rope_parameters
+    hf_config = LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8, max_position_embeddings=ORIG,
+                            rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0})
+    want, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf_config, "cpu", seq_len=ORIG * 15 // 8)
+    inv = model.model.rotary_emb.inv_freq
+    torch.testing.assert_close(inv, want.float(), rtol=1e-6, atol=0)
+    # bloc97's property: the highest frequency kept, the lowest divided by exactly alpha
+    assert inv[0] == native[0] == 1.0 and math.isclose(native[-1] / inv[-1], 8.0, rel_tol=1e-5)
+    rp = model.config.rope_parameters  # plain transformers rebuilds the same frequencies from the exported theta
     assert rp["rope_type"] == "default" and rp["original_max_position_embeddings"] == ORIG
-    assert math.isclose(rp["rope_theta"], theta, rel_tol=1e-12)
-    # highest frequency kept, lowest divided by exactly alpha (bloc97)
-    base = 1.0 / 1e4 ** (torch.arange(0, d, 2).float() / d)
-    assert model.model.rotary_emb.inv_freq[0] == 1.0
-    assert math.isclose(base[-1] / want[-1] * 1.0, 8.0 ** ((d - 2) / (d - 2)) * 1.0, rel_tol=1e-5)
+    exported = LlamaRotaryEmbedding(LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8,
+                                                max_position_embeddings=ORIG, rope_parameters=rp))
+    torch.testing.assert_close(exported.inv_freq, inv, rtol=1e-6, atol=0)
     handle.remove()
 
 
