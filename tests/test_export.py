@@ -27,6 +27,7 @@ from longctx.cli import main
 from longctx.evaluate import load_for_eval
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the end-to-end layer: every test exports a run train.py trained in a subprocess
 PNG = b"\x89PNG\r\n\x1a\n"
 YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
 

@@ -87,6 +87,7 @@ PHASES = [  # (phase, train.save_total_limit, the checkpoint resume must pick af
 ]
 
 
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
 @pytest.mark.parametrize("phase,limit,expected", PHASES, ids=[f"{p}-limit{lim}" for p, lim, _ in PHASES])
 def test_a_kill_at_any_phase_of_a_save_leaves_a_complete_checkpoint(train_config, tmp_path, phase, limit, expected):
     run = tmp_path / "run"
@@ -156,6 +157,7 @@ def test_under_torchrun_every_rank_exits_2_when_the_directory_is_taken(train_con
     assert "exitcode  : 2" in proc.stderr and not list(run.glob("checkpoint-*"))
 
 
+@pytest.mark.slow  # two probe subprocesses: about 5 s, the end-to-end layer
 def test_the_claim_is_refused_while_held_and_free_after_release(tmp_path):
     run = tmp_path / "run"
     rundir.claim(run)
@@ -179,6 +181,7 @@ def test_the_claim_is_refused_while_held_and_free_after_release(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Item 3: a checkpoint is wholly of this run; resume=off into a used directory
 
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
 def test_resume_off_in_a_used_directory_never_continues_the_old_run(done, train_config, tmp_path):
     config = copy_run(done, tmp_path, train_config, seed=8)
     run = tmp_path / "run"
@@ -195,6 +198,7 @@ def test_resume_off_in_a_used_directory_never_continues_the_old_run(done, train_
     assert not rundir.is_complete(run / "checkpoint-2")
 
 
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
 def test_a_checkpoint_of_another_run_is_not_resumed(done, train_config, tmp_path):
     config = copy_run(done, tmp_path, train_config, keep_final=False)
     run = tmp_path / "run"
@@ -221,6 +225,7 @@ def corrupt(path: Path, how: str) -> None:
         path.write_bytes(data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1:])
 
 
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 @pytest.mark.parametrize("name", FILES)
 def test_a_broken_file_in_the_newest_checkpoint_falls_back_or_exits_2(done, train_config, tmp_path, name, how):
@@ -252,6 +257,7 @@ def test_a_corrupt_optimizer_state_end_to_end(done, train_config, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Item 4: a finished run reruns as a no-op; one stopped at its last step writes final/ without another step
 
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
 def test_a_finished_run_reruns_as_a_no_op(done, train_config, tmp_path):
     config = copy_run(done, tmp_path, train_config)
     run = tmp_path / "run"
@@ -262,6 +268,7 @@ def test_a_finished_run_reruns_as_a_no_op(done, train_config, tmp_path):
     assert after == before  # nothing trained, nothing written
 
 
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
 def test_sigterm_at_the_last_step_writes_final_without_another_step(train_config, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", train_config, run)
@@ -305,6 +312,7 @@ def test_sigterm_during_evaluation_exits_0_and_a_rerun_finishes_it(train_config,
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 16 item 3: train() leaves the process's signal handlers as it found them, however it ends
 
+@pytest.mark.slow  # two training runs in this process: the end-to-end layer
 def test_signal_handlers_are_restored_when_training_ends(train_config, tmp_path, monkeypatch):
     from longctx import trainer as trainer_lib
 

@@ -63,7 +63,8 @@ def config_for(tmp: Path, train_config, model: str) -> Path:
 
 
 @pytest.mark.parametrize("command", ["train", "plan", "eval", "export"])
-@pytest.mark.parametrize("kind", ["missing", "not a model", "unsupported family", "truncated gguf"])
+@pytest.mark.parametrize("kind", ["missing", "not a model", "unsupported family",
+                                  pytest.param("truncated gguf", marks=pytest.mark.slow)])  # reads the SmolLM2 GGUF
 def test_a_bad_model_exits_2_with_one_message(bad_models, train_config, tmp_path, capsys, command, kind):
     d, models = bad_models
     if kind not in models:
@@ -143,6 +144,7 @@ def relative_run(micro, train_config, tmp_path_factory):
     return work / "runs" / "r" / "final"
 
 
+@pytest.mark.slow  # trains a run with train.py in a subprocess: the end-to-end layer
 def test_final_records_the_base_model_absolute_and_evaluates_from_elsewhere(relative_run, corpus, tmp_path,
                                                                             monkeypatch, capsys):
     info = json.loads((relative_run / "longctx.json").read_text())
@@ -154,6 +156,7 @@ def test_final_records_the_base_model_absolute_and_evaluates_from_elsewhere(rela
     assert json.loads((tmp_path / "o" / "ppl.json").read_text())["r/final"][0]["ppl"] > 1
 
 
+@pytest.mark.slow  # trains a run with train.py in a subprocess: the end-to-end layer
 @pytest.mark.parametrize("recorded", ["cwd", "output_dir", "nothing"])
 def test_an_older_run_with_a_relative_base_model_path(relative_run, tmp_path, monkeypatch, recorded):
     """Runs written before the path was recorded absolute: the training directory is found from longctx.json's cwd,

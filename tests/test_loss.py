@@ -238,6 +238,7 @@ def _run(tmp_path: Path, train_config, name: str, chunked: bool) -> tuple[Path, 
     return out, proc.stderr
 
 
+@pytest.mark.slow  # two train.py subprocesses: the end-to-end layer
 def test_training_run_same_losses_with_chunked_loss_on_and_off(train_config, tmp_path):
     on, err_on = _run(tmp_path, train_config, "on", True)
     off, err_off = _run(tmp_path, train_config, "off", False)

@@ -144,6 +144,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # a local sweep of train.py subprocesses: the end-to-end layer
 def test_local_sweep_end_to_end_gives_a_4_row_leaderboard(done_sweep):
     _, out, _ = done_sweep
     rows = read_csv(out / "leaderboard.csv")
@@ -165,6 +166,7 @@ def test_local_sweep_end_to_end_gives_a_4_row_leaderboard(done_sweep):
     assert (out / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a local sweep of train.py subprocesses: the end-to-end layer
 def test_rerun_skips_finished_runs_in_seconds(done_sweep, capsys):
     path, out, first = done_sweep
     logs = {p: p.read_text() for p in (out / "logs").glob("*.log")}
@@ -177,6 +179,7 @@ def test_rerun_skips_finished_runs_in_seconds(done_sweep, capsys):
     assert len(read_csv(out / "leaderboard.csv")) == 4
 
 
+@pytest.mark.slow  # a local sweep of train.py subprocesses: the end-to-end layer
 def test_interrupted_run_resumes_on_rerun(done_sweep, capsys):
     """The state a kill leaves: complete checkpoint-2, checkpoint-3 half-written (no completion marker), no final.
     The rerun resumes from checkpoint-2 and ends with the weights of the uninterrupted run."""
@@ -200,6 +203,7 @@ def test_interrupted_run_resumes_on_rerun(done_sweep, capsys):
     assert (run / "eval" / "ppl.json").is_file() and len(read_csv(out / "leaderboard.csv")) == 4
 
 
+@pytest.mark.slow  # a local sweep of train.py subprocesses: the end-to-end layer
 def test_leaderboard_reads_passkey_results(done_sweep, capsys):
     from longctx.evaluate import write_passkey
 
@@ -253,6 +257,7 @@ def test_preemption_checkpoints_requeues_and_resumes(base, tmp_path):
     assert json.loads((run.dir / f"checkpoint-{steps}" / "trainer_state.json").read_text())["global_step"] == steps
 
 
+@pytest.mark.slow  # evaluates two runs through the CLI: the end-to-end layer
 def test_eval_only_sweep_on_the_debug_executor(micro, corpus, base, tmp_path, capsys):
     """mode: eval evaluates the base model with the run's rope (`longctx eval ppl --rope ...`), trains nothing."""
     path = write_sweep(tmp_path / "s.yaml", base=str(base), output_dir=str(tmp_path / "out"), mode="eval",

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the end-to-end layer: every test runs train.py in a subprocess
 
 
 def write_config(path: Path, train_config, out: Path, **train) -> Path:
@@ -171,7 +172,6 @@ def one_process(train_config, tmp_path_factory) -> dict[int, float]:
     return losses(d / "run", "checkpoint-6")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_two_processes_train_and_resume_as_one_process(train_config, one_process, tmp_path, zero):
     """torchrun --nproc_per_node 2 with DeepSpeed ZeRO on the CPU, then resumed under DeepSpeed: the losses of the
