@@ -16,7 +16,7 @@ is_causal on segments laid out as a batch, so no N x N mask ever exists and memo
 The GPU path hands the same segments, as cu_seqlens, to flash-attn's varlen kernel when flash-attn is installed.
 
 Registered with both `AttentionInterface` and `AttentionMaskInterface` under `NAME`: without a mask function of our
-own, transformers passes no padding mask to a custom attention (research/rope.md section 2). Our mask function
+own, transformers passes no padding mask to a custom attention (docs/design.md §5). Our mask function
 returns an `S2Mask`, the 2-D padding mask plus a lazily built dense mask for eval mode, instead of a [B,1,T,T]
 tensor.
 """

@@ -4,7 +4,7 @@
 
 Every problem in a config is collected and reported at once in one `ConfigError` whose message names the key and
 what is allowed; the CLI prints it and exits 2. Components never read this object: `train.py` and the CLI turn it
-into plain arguments (research/aesthetics.md, "builders, not config-aware components").
+into plain arguments (docs/design.md §1, principle 4).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ method of longctx/methods with its defaults. Time it on a quiet machine: the num
 
 Consistency: from a prompt of L/2 tokens, greedy cached decoding to 2L; at every step the largest |logit
 difference| from a full forward (no cache) of the same prefix. With more than one layer neither is 0
-(research/rope.md 2); tests/test_methods_dynamic.py shows consistent_dynamic exact for one layer.
+(docs/design.md §5); tests/test_methods_dynamic.py shows consistent_dynamic exact for one layer.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""RoPE scaling against transformers' own rotary embedding, the closed forms, and research/rope.md 1.4."""
+"""RoPE scaling against transformers' own rotary embedding and functions, and values transformers 5.23.0 printed."""
 
 import math
 
@@ -77,12 +77,12 @@ def test_ntk_equals_transformers_dynamic_ntk_at_the_same_scale_and_exports_as_de
 
 
 def test_ntk_reference_bases():
-    """research/rope.md section 3: alpha 8, d 128 -> 82684.6; alpha 4, d 64 -> 41829.4."""
+    """docs/design.md §4.1: alpha 8, d 128 -> 82684.6; alpha 4, d 64 -> 41829.4."""
     assert round(rope.ntk_theta(1e4, 8.0, 128), 1) == 82684.6
     assert round(rope.ntk_theta(1e4, 4.0, 64), 1) == 41829.4
 
 
-# research/rope.md 1.4: head_dim 64, base 1e4, L 2048, factor 4 (values printed by transformers 5.23.0)
+# docs/design.md §4.2: head_dim 64, base 1e4, L 2048, factor 4 (values printed by transformers 5.23.0)
 REF = {
     "linear": ([2.5e-01, 1.874736e-01, 1.405853e-01, 1.054241e-01],
                [7.905695e-05, 5.928435e-05, 4.445699e-05, 3.333804e-05], 1.0, {}),
@@ -125,7 +125,7 @@ def test_default_factor_is_float_ratio_not_ceil():
 
 
 def test_theta_and_original_length_always_written():
-    """research/rope.md 1.5: a dict without rope_theta loses theta; a missing original length turns silent."""
+    """docs/design.md §4.2: a dict without rope_theta loses theta; a missing original length turns silent."""
     model = tiny_model(max_pos=ORIG, dtype=torch.float32)
     model.config.rope_parameters["rope_theta"] = 5e5
     for rt, extra in [("linear", {}), ("yarn", {}), ("llama3", {"low_freq_factor": 1.0, "high_freq_factor": 4.0})]:
