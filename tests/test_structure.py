@@ -7,6 +7,7 @@ it, it is made public or moved where it belongs. This reads the source with `ast
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +74,18 @@ def test_the_check_finds_each_kind():
     assert [line.split(": ", 1)[1] for line in found] == [
         "imports _x", "imports _r", "evaluate._y", "micro.tiny._z", "monkeypatch.setattr(... '_w' ...)",
         "monkeypatch.setattr(... 'longctx.evaluate._v' ...)"]
+
+
+def test_design_note_citations_resolve():
+    """Every `docs/design.md §N` or `§N.M` the code, tests, scripts or README cite is a heading there, and nothing
+    cites design notes outside the repository (issue 16 item 7)."""
+    headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", (ROOT / "docs" / "design.md").read_text(), re.M))
+    cited, outside = set(), []
+    for path in python_files() + [ROOT / "README.md", *sorted((ROOT / "scripts").glob("*.sh"))]:
+        text = path.read_text(encoding="utf-8")
+        for ref in re.findall(r"docs/design\.md §(\d+(?:\.\d+)?(?:-\d+)?)", text):
+            first, _, last = ref.partition("-")
+            cited |= {first} | ({last} if last else set())
+        outside += [f"{path.relative_to(ROOT)}: {m}" for m in re.findall(r"research/\w+\.md|(?<!docs/)DESIGN\.md", text)]
+    assert cited and cited <= headings, sorted(cited - headings)
+    assert not outside, outside
