@@ -16,7 +16,7 @@ is_causal on segments laid out as a batch, so no N x N mask ever exists and memo
 The GPU path hands the same segments, as cu_seqlens, to flash-attn's varlen kernel when flash-attn is installed.
 
 Registered with both `AttentionInterface` and `AttentionMaskInterface` under `NAME`: without a mask function of our
-own, transformers passes no padding mask to a custom attention (research/rope.md section 2). Our mask function
+own, transformers passes no padding mask to a custom attention (docs/design.md §5). Our mask function
 returns an `S2Mask`, the 2-D padding mask plus a lazily built dense mask for eval mode, instead of a [B,1,T,T]
 tensor.
 """
@@ -146,7 +146,7 @@ def s2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                          f"{key.shape[2]} keys")
     group = settings.group_size_for(T)
     plan = _plan(attention_mask, kwargs, B, T, group, settings.shift, query.device)
-    kernel = _varlen_kernel(query) if plan is not None else None
+    kernel = varlen_kernel(query) if plan is not None else None
     if plan is None:
         out = _uniform(query, key, value, group, settings.shift, scaling, dropout, window)
     elif kernel is not None:
@@ -294,7 +294,7 @@ def _segments(q, k, v, plan: _Plan, scale, dropout, window=None):
     return out.view(B, T, H, D)
 
 
-def _varlen_kernel(query: torch.Tensor):
+def varlen_kernel(query: torch.Tensor):
     """flash-attn's `flash_attn_varlen_func` where it can run (CUDA, 16-bit, flash-attn installed), else None.
 
     The optional GPU extra is imported here, never at module top level. tests/standins.py has a pure-PyTorch

@@ -4,7 +4,7 @@
 
 Every problem in a config is collected and reported at once in one `ConfigError` whose message names the key and
 what is allowed; the CLI prints it and exits 2. Components never read this object: `train.py` and the CLI turn it
-into plain arguments (research/aesthetics.md, "builders, not config-aware components").
+into plain arguments (docs/design.md §1, principle 4).
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if data is not None:
         raw = _deep_merge(raw, copy.deepcopy(data))
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return validate(raw, source=str(path) if path else "config")
 
 
@@ -432,7 +432,7 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.max_steps=10")

@@ -486,7 +486,7 @@ def training_callback(tokens, lengths: list[int], log_fn, every: int | None = No
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
-def _lengths(text: str) -> list[int]:
+def lengths_arg(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -496,16 +496,16 @@ def _lengths(text: str) -> list[int]:
     return values
 
 
-def _rope_overrides(items: list[str] | None) -> dict | None:
+def rope_overrides(items: list[str] | None) -> dict | None:
     """--rope rope_type=yarn factor=4 -> a validated rope dict (the rope.* keys of the config)."""
     from longctx import rope as rope_registry
-    from longctx.config import _apply_override
+    from longctx.config import apply_override
 
     if not items:
         return None
     raw: dict = {}
     for item in items:
-        _apply_override(raw, item if item.startswith("rope.") else "rope." + item)
+        apply_override(raw, item if item.startswith("rope.") else "rope." + item)
     try:
         return rope_registry.as_dict(rope_registry.parse(raw["rope"], prefix="--rope "))
     except ValueError as e:
@@ -551,15 +551,15 @@ def _earlier_results(paths: list[str] | None) -> dict:
     return results
 
 
-def _out_dir(out: str) -> Path:
+def out_dir(out: str) -> Path:
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out: {out} exists and is not a directory")
     return Path(out)
 
 
 def cmd_ppl(args) -> int:
-    rope, method = _rope_overrides(args.rope), method_arg(args.method)
-    earlier, out = _earlier_results(args.add), _out_dir(args.out)
+    rope, method = rope_overrides(args.rope), method_arg(args.method)
+    earlier, out = _earlier_results(args.add), out_dir(args.out)
     results = {}
     tokens = None
     for path in args.model:
@@ -576,7 +576,7 @@ def cmd_ppl(args) -> int:
     return 0
 
 
-def _depths(text: str) -> list[float]:
+def depths_arg(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -584,12 +584,12 @@ def _depths(text: str) -> list[float]:
 
 
 def cmd_passkey(args) -> int:
-    rope, method = _rope_overrides(args.rope), method_arg(args.method)
+    rope, method = rope_overrides(args.rope), method_arg(args.method)
     for d in args.depths:  # before the model loads
         if not 0.0 <= d <= 1.0:
             raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before "
                               f"the question), got {d:g}")
-    out = _out_dir(args.out)
+    out = out_dir(args.out)
     model, tokenizer, label = load_for_eval(args.model, rope=rope, dtype=args.dtype, method=method)
     result = {"model": label, **passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed)}
     write_passkey(result, out)
@@ -605,7 +605,7 @@ def add_parsers(sub) -> None:
     esub = e.add_subparsers(dest="eval_command", required=True)
     p = esub.add_parser("ppl", help="perplexity at several context lengths")
     p.add_argument("--model", nargs="+", required=True, help="RUN/final, an exported dir, or a base model")
-    p.add_argument("--lengths", type=_lengths, required=True, help="e.g. 256,512,1024")
+    p.add_argument("--lengths", type=lengths_arg, required=True, help="e.g. 256,512,1024")
     p.add_argument("--data", nargs="+", default=["builtin:python-stdlib"],
                    help="evaluation source(s), read one after the other (default: the stdlib's validation part)")
     p.add_argument("--split", choices=["train", "validation"], default=None,
@@ -623,8 +623,8 @@ def add_parsers(sub) -> None:
 
     k = esub.add_parser("passkey", help="passkey retrieval accuracy by context length and key depth")
     k.add_argument("--model", required=True, help="RUN/final, an exported dir, or a base model")
-    k.add_argument("--lengths", type=_lengths, required=True, help="prompt lengths in tokens, e.g. 256,512,1024")
-    k.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    k.add_argument("--lengths", type=lengths_arg, required=True, help="prompt lengths in tokens, e.g. 256,512,1024")
+    k.add_argument("--depths", type=depths_arg, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="key positions in [0, 1] (default 0,0.25,0.5,0.75,1)")
     k.add_argument("--trials", type=number(int, 1), default=5, help="keys per (length, depth) (default 5)")
     k.add_argument("--seed", type=number(int, 0), default=0, help="seed of the random keys")

@@ -46,7 +46,7 @@ def streamer(tokenizer, max_new_tokens: int):
 
 
 def cmd_generate(args) -> int:
-    from longctx.evaluate import _rope_overrides, load_for_eval, method_arg
+    from longctx.evaluate import rope_overrides, load_for_eval, method_arg
 
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
@@ -57,7 +57,7 @@ def cmd_generate(args) -> int:
         prompt = args.prompt
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    rope, method = _rope_overrides(args.rope), method_arg(args.method)
+    rope, method = rope_overrides(args.rope), method_arg(args.method)
     model, tokenizer, label = load_for_eval(args.model, rope=rope, dtype=args.dtype, method=method)
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)

@@ -7,7 +7,7 @@
 Nothing here touches a transformers class. RoPE: `config.rope_parameters` and `max_position_embeddings` are set on
 the model's config and the rotary embedding module is rebuilt from it with the model's own rotary class, so the
 model computes what plain transformers computes from the exported config.json (a pure config change does nothing:
-inv_freq is a buffer built at init, research/rope.md 1.5 pitfall 4). Per-layer-type RoPE (Gemma-3) is scaled on the
+inv_freq is a buffer built at init, docs/design.md §4.2 pitfall 3). Per-layer-type RoPE (Gemma-3) is scaled on the
 global layers only, and a base that ships its own scaling is extended by composing on it (rope.py, compose.py).
 Attention: S2 is registered with transformers' registries and selected with `set_attn_implementation`; its settings
 sit on each attention module. Which model types work, and how, is `longctx.families`. Methods (longctx/methods):

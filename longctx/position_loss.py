@@ -95,8 +95,8 @@ def write_position_loss(results: dict[str, dict], out: Path) -> None:
 def cmd_position_loss(args) -> int:
     from longctx import evaluate as ev
 
-    rope, method = ev._rope_overrides(args.rope), ev.method_arg(args.method)
-    out = ev._out_dir(args.out)
+    rope, method = ev.rope_overrides(args.rope), ev.method_arg(args.method)
+    out = ev.out_dir(args.out)
     bucket = args.bucket or max(1, args.length // 32)
     results, docs = {}, None
     for path in args.model:

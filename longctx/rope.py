@@ -8,11 +8,11 @@
 Each scheme is one parameter model (the keys a user may write for that `rope_type`, nothing else) plus one entry
 in `SCHEMES`. For the types transformers 5 computes itself (linear, dynamic, yarn, llama3, longrope) the function
 delegates to `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`, so the numbers are transformers' own
-(research/rope.md 1.2, 1.4). `ntk` (static NTK-aware, bloc97: base' = base * alpha^(d/(d-2))) is ours and exports
+(docs/design.md §4.1). `ntk` (static NTK-aware, bloc97: base' = base * alpha^(d/(d-2))) is ours and exports
 as the default type with the new `rope_theta`. Production users of `frequencies`: the methods that rotate inside
 the attention function (longctx/methods: consistent_dynamic, rerope), and `as_longrope` (Phi-3's config).
 
-`resolve()` keeps `rope_theta` (research/rope.md 1.5 pitfall 1), makes `original_max_position_embeddings` explicit
+`resolve()` keeps `rope_theta` (docs/design.md §4.2 pitfall 1), makes `original_max_position_embeddings` explicit
 (pitfall 2) and the factor a float, target / original, never a ceil (LongLoRA's integer factor turns 100k into
 102,400). On a base that already ships a scaling it composes on it (compose.py); with RoPE per layer type (Gemma-3)
 it reads and writes the global layers' dict (`native_rope`, `with_scaled`).
@@ -198,7 +198,7 @@ SCHEMES: dict[str, Scheme] = {
     "longrope": Scheme(LongRope, _transformers, "LongRoPE per-pair factors (Ding et al. 2402.13753)"),
 }
 ROPE_TYPES = tuple(SCHEMES)
-STATIC_TYPES = ("none", "linear", "ntk", "yarn", "llama3", "longrope")  # safe to train with (research/rope.md 4)
+STATIC_TYPES = ("none", "linear", "ntk", "yarn", "llama3", "longrope")  # safe to train with (docs/design.md §4.1)
 CHANGES_WITH_LENGTH = ("dynamic", "longrope")  # inv_freq depends on the sequence length
 
 
@@ -236,7 +236,7 @@ def as_longrope(p: Resolved) -> dict[str, Any]:
 
 def model_max_positions(p: Resolved) -> int:
     """`max_position_embeddings` for the model config. transformers' dynamic type reads that field as the
-    *original* length (research/rope.md 1.2), so for dynamic it stays the original length."""
+    *original* length (docs/design.md §4.1), so for dynamic it stays the original length."""
     return p.original_max_position_embeddings if p.rope_type == "dynamic" else p.max_position_embeddings
 
 

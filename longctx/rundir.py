@@ -101,7 +101,7 @@ def superseded_dir(run: Path) -> Path:
 
 def read_run_id(run: Path) -> str | None:
     """The id of the run this directory holds (RUN/run.json), None when there is none (a new or older directory)."""
-    info = _read_json(run_info_path(run))
+    info = read_json(run_info_path(run))
     return info.get("run_id") if isinstance(info, dict) else None
 
 
@@ -112,11 +112,12 @@ def write_run_id(run: Path, run_id: str) -> None:
 
 def read_info(final: Path) -> dict | None:
     """final/longctx.json, None when final/ is missing or incomplete (longctx.json is written last)."""
-    info = _read_json(info_path(final))
+    info = read_json(info_path(final))
     return info if isinstance(info, dict) else None
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """The JSON in a file, None when it is missing or not JSON (a run directory's files may be partly written)."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -168,7 +169,7 @@ def _marker_crc(marker: dict) -> int:
 
 def read_complete(checkpoint: Path) -> dict | None:
     """The completion marker, or None when there is none or it is unreadable (then the checkpoint is incomplete)."""
-    marker = _read_json(Path(checkpoint) / COMPLETE)
+    marker = read_json(Path(checkpoint) / COMPLETE)
     return marker if isinstance(marker, dict) else None
 
 

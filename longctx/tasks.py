@@ -259,12 +259,12 @@ def evaluate_task(name: str, model, tokenizer, lengths: list[int], depths: list[
 # CLI: `longctx eval multikey|multivalue|vartrack`, the flags of `longctx eval passkey`
 
 def cmd_task(args) -> int:
-    rope, method = ev._rope_overrides(args.rope), ev.method_arg(args.method)
+    rope, method = ev.rope_overrides(args.rope), ev.method_arg(args.method)
     for d in args.depths:  # before the model loads
         if not 0.0 <= d <= 1.0:
             raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before "
                               f"the question), got {d:g}")
-    out = ev._out_dir(args.out)
+    out = ev.out_dir(args.out)
     model, tokenizer, label = ev.load_for_eval(args.model, rope=rope, dtype=args.dtype, method=method)
     result = {"model": label, **evaluate_task(args.task, model, tokenizer, args.lengths, args.depths, args.trials,
                                               args.seed)}
@@ -281,8 +281,8 @@ def add_parsers(esub) -> None:
             continue
         k = esub.add_parser(name, help=task.help)
         k.add_argument("--model", required=True, help="RUN/final, an exported dir, or a base model")
-        k.add_argument("--lengths", type=ev._lengths, required=True, help="prompt lengths in tokens, e.g. 256,1024")
-        k.add_argument("--depths", type=ev._depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        k.add_argument("--lengths", type=ev.lengths_arg, required=True, help="prompt lengths in tokens, e.g. 256,1024")
+        k.add_argument("--depths", type=ev.depths_arg, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                        help="positions of the target needle in [0, 1] (default 0,0.25,0.5,0.75,1)")
         k.add_argument("--trials", type=number(int, 1), default=5, help="prompts per (length, depth) (default 5)")
         k.add_argument("--seed", type=number(int, 0), default=0, help="seed of the keys, values and positions")

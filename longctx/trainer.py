@@ -505,7 +505,7 @@ def train(cfg: Config) -> Path:
             model_lib.load_trainable_state_dict(model, load_file(str(checkpoint / rundir.TRAINABLE)))
     trainable, total = model_lib.count_parameters(model)
 
-    train_ds = _dataset(cfg, tokenizer, "train")
+    train_ds = build_dataset(cfg, tokenizer, "train")
     tokens_per_step = cfg.train.seq_len * cfg.train.per_device_train_batch_size * \
         cfg.train.gradient_accumulation_steps * world
     if dist.is_main():
@@ -549,7 +549,7 @@ def train(cfg: Config) -> Path:
         preemption.restore()
 
 
-def _dataset(cfg: Config, tokenizer, split: str):
+def build_dataset(cfg: Config, tokenizer, split: str):
     d = cfg.data
     common = dict(text_field=d.text_field, hub_config=d.hub_config, hub_split=d.hub_split, suffixes=d.suffixes,
                   seed=cfg.train.seed, skip_bad_rows=d.skip_bad_rows, num_proc=d.num_proc)

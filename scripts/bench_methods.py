@@ -11,7 +11,7 @@ method of longctx/methods with its defaults. Time it on a quiet machine: the num
 
 Consistency: from a prompt of L/2 tokens, greedy cached decoding to 2L; at every step the largest |logit
 difference| from a full forward (no cache) of the same prefix. With more than one layer neither is 0
-(research/rope.md 2); tests/test_methods_dynamic.py shows consistent_dynamic exact for one layer.
+(docs/design.md §5); tests/test_methods_dynamic.py shows consistent_dynamic exact for one layer.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="data/tiny-base")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated: {', '.join(ARMS)}")
-    ap.add_argument("--lengths", type=ev._lengths, default=[1024, 2048, 4096])
+    ap.add_argument("--lengths", type=ev.lengths_arg, default=[1024, 2048, 4096])
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -529,10 +529,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="training tokens per fine-tuned arm; steps = ceil(this / tokens per step) (default 60 steps "
                          "x 8 x 1024)")
     ap.add_argument("--full-ft-lr", type=float, default=5e-4, help="learning rate of the full fine-tuning arm (f)")
-    ap.add_argument("--lengths", type=ev._lengths, default=[256, 512, 1024, 2048], help="perplexity lengths")
+    ap.add_argument("--lengths", type=ev.lengths_arg, default=[256, 512, 1024, 2048], help="perplexity lengths")
     ap.add_argument("--eval-tokens", type=int, default=60000, help="scored tokens per length")
-    ap.add_argument("--passkey-lengths", type=ev._lengths, default=None, help="default: --lengths")
-    ap.add_argument("--passkey-depths", type=ev._depths, default=[0.0, 0.5, 1.0])
+    ap.add_argument("--passkey-lengths", type=ev.lengths_arg, default=None, help="default: --lengths")
+    ap.add_argument("--passkey-depths", type=ev.depths_arg, default=[0.0, 0.5, 1.0])
     ap.add_argument("--passkey-trials", type=int, default=3, help="keys per (length, depth)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the passkey keys")
     ap.add_argument("--out", default="benchmarks/quality", help="arm results in OUT/ARM.json; report OUT.json|md|png")

@@ -1,4 +1,4 @@
-"""Test references built from the written rules (DESIGN.md), never from longctx's implementation."""
+"""Test references built from the written rules (docs/design.md §3), never from longctx's implementation."""
 
 from __future__ import annotations
 

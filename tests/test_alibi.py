@@ -148,7 +148,7 @@ def test_nbce_runs_on_alibi():
 @pytest.mark.slow  # training, then export's verification in a fresh process: about 25 s each on 2 CPU cores
 @pytest.mark.parametrize("family, names", [("bloom", ("word_embeddings", "ln_f", "input_layernorm")),
                                            ("mpt", ("wte", "norm_f", "norm_1"))])
-def test_fine_tune_with_lora_embed_norm_and_full_attention(family, names, corpus, tmp_path):
+def test_fine_tune_with_lora_embed_norm_and_full_attention(family, names, train_config, tmp_path):
     """3 steps of LongLoRA+ (LoRA on the fused attention projections, embed/norm trained) with full attention at 64
     tokens (MPT's max_seq_len is 32: it trains past it); the run's final/ loads for evaluation and takes the ALiBi
     methods; export reproduces it in plain transformers; S² is refused by name."""
@@ -159,11 +159,8 @@ def test_fine_tune_with_lora_embed_norm_and_full_attention(family, names, corpus
     from longctx.trainer import train
 
     base = make_micro_base(tmp_path / family, max_pos=32, family=family)
-    data = {"model": {"name_or_path": str(base)}, "attention": {"type": "full"},
-            "data": {"train": str(corpus), "num_proc": 1},
-            "train": {"output_dir": str(tmp_path / "run"), "seq_len": 64, "max_steps": 3, "warmup_steps": 0,
-                      "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "save_steps": 100,
-                      "logging_steps": 1, "learning_rate": 1e-3, "gradient_checkpointing": False}}
+    data = train_config(tmp_path / "run", model={"name_or_path": str(base)}, rope=None, attention={"type": "full"},
+                        train={"seq_len": 64, "warmup_steps": 0, "save_steps": 100, "learning_rate": 1e-3})
     final = train(load_config(data=data))
     info = json.loads((final / "longctx.json").read_text())
     assert info["steps"] == 3 and info["attention"]["type"] == "full" and info["rope"] is None

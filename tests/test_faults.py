@@ -27,15 +27,9 @@ from longctx.trainer import resolve_resume
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(path: Path, micro: Path, corpus: Path, out: Path, **train) -> Path:
-    cfg = {
-        "model": {"name_or_path": str(micro)},
-        "rope": {"rope_type": "yarn", "factor": 2.0},
-        "data": {"train": str(corpus), "num_proc": 1},
-        "train": {"output_dir": str(out), "seq_len": 128, "max_steps": 4, "save_steps": 2, "learning_rate": 3e-3,
-                  "warmup_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
-                  "logging_steps": 1, "gradient_checkpointing": False, "seed": 7, **train},
-    }
+def write_config(path: Path, train_config, out: Path, **train) -> Path:
+    """4 steps of 1 x 128 tokens, a checkpoint every 2."""
+    cfg = train_config(out, train={"max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 1, **train})
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -67,20 +61,20 @@ def trained_steps(run: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def done(micro, corpus, tmp_path_factory):
+def done(train_config, tmp_path_factory):
     """A finished 4-step run: checkpoint-2, checkpoint-4, final/."""
     d = tmp_path_factory.mktemp("done")
-    config = write_config(d / "c.yaml", micro, corpus, d / "run")
+    config = write_config(d / "c.yaml", train_config, d / "run")
     ok(launch(config))
     return d / "run"
 
 
-def copy_run(done: Path, dest: Path, micro, corpus, keep_final: bool = True, **train) -> Path:
+def copy_run(done: Path, dest: Path, train_config, keep_final: bool = True, **train) -> Path:
     """A copy of the finished run in `dest`/run and its config (output_dir pointing at the copy)."""
     shutil.copytree(done, dest / "run", ignore=shutil.ignore_patterns(rundir.CLAIM))
     if not keep_final:
         shutil.rmtree(dest / "run" / "final")
-    return write_config(dest / "c.yaml", micro, corpus, dest / "run", **train)
+    return write_config(dest / "c.yaml", train_config, dest / "run", **train)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,10 +87,11 @@ PHASES = [  # (phase, train.save_total_limit, the checkpoint resume must pick af
 ]
 
 
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
 @pytest.mark.parametrize("phase,limit,expected", PHASES, ids=[f"{p}-limit{lim}" for p, lim, _ in PHASES])
-def test_a_kill_at_any_phase_of_a_save_leaves_a_complete_checkpoint(micro, corpus, tmp_path, phase, limit, expected):
+def test_a_kill_at_any_phase_of_a_save_leaves_a_complete_checkpoint(train_config, tmp_path, phase, limit, expected):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", micro, corpus, run,
+    config = write_config(tmp_path / "c.yaml", train_config, run,
                           **({"save_total_limit": limit} if limit else {}))
     proc = launch(config, fault=f"{phase}@4")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -110,9 +105,9 @@ def test_a_kill_at_any_phase_of_a_save_leaves_a_complete_checkpoint(micro, corpu
 
 @pytest.mark.slow  # two trainer processes: over 20 s
 @pytest.mark.parametrize("phase,expected", [("extras", "checkpoint-2"), ("delete", "checkpoint-4")])
-def test_the_rerun_after_a_killed_save_continues_and_tidies_up(micro, corpus, tmp_path, phase, expected):
+def test_the_rerun_after_a_killed_save_continues_and_tidies_up(train_config, tmp_path, phase, expected):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", micro, corpus, run, save_total_limit=1)
+    config = write_config(tmp_path / "c.yaml", train_config, run, save_total_limit=1)
     assert launch(config, fault=f"{phase}@4").returncode == -signal.SIGKILL
     again = ok(launch(config))
     assert f"resuming from {run / expected}" in again.stderr
@@ -124,9 +119,9 @@ def test_the_rerun_after_a_killed_save_continues_and_tidies_up(micro, corpus, tm
 # Item 2: one live run per run directory
 
 @pytest.mark.slow  # two trainer processes: over 20 s
-def test_a_second_run_on_a_busy_directory_is_refused(micro, corpus, tmp_path):
+def test_a_second_run_on_a_busy_directory_is_refused(train_config, tmp_path):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", micro, corpus, run, max_steps=10_000, save_steps=10_000)
+    config = write_config(tmp_path / "c.yaml", train_config, run, max_steps=10_000, save_steps=10_000)
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(config)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -147,9 +142,9 @@ def test_a_second_run_on_a_busy_directory_is_refused(micro, corpus, tmp_path):
 
 
 @pytest.mark.slow  # torchrun: two processes importing torch and transformers, about 30 s on 2 CPU cores
-def test_under_torchrun_every_rank_exits_2_when_the_directory_is_taken(micro, corpus, tmp_path):
+def test_under_torchrun_every_rank_exits_2_when_the_directory_is_taken(train_config, tmp_path):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", micro, corpus, run)
+    config = write_config(tmp_path / "c.yaml", train_config, run)
     rundir.claim(run)  # this test process holds it
     try:
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -162,6 +157,7 @@ def test_under_torchrun_every_rank_exits_2_when_the_directory_is_taken(micro, co
     assert "exitcode  : 2" in proc.stderr and not list(run.glob("checkpoint-*"))
 
 
+@pytest.mark.slow  # two probe subprocesses: about 5 s, the end-to-end layer
 def test_the_claim_is_refused_while_held_and_free_after_release(tmp_path):
     run = tmp_path / "run"
     rundir.claim(run)
@@ -185,8 +181,9 @@ def test_the_claim_is_refused_while_held_and_free_after_release(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Item 3: a checkpoint is wholly of this run; resume=off into a used directory
 
-def test_resume_off_in_a_used_directory_never_continues_the_old_run(done, micro, corpus, tmp_path):
-    config = copy_run(done, tmp_path, micro, corpus, seed=8)
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
+def test_resume_off_in_a_used_directory_never_continues_the_old_run(done, train_config, tmp_path):
+    config = copy_run(done, tmp_path, train_config, seed=8)
     run = tmp_path / "run"
     old_id = rundir.read_run_id(run)
     proc = launch(config, "train.resume=off", fault="marker@2")  # the new run dies writing its first checkpoint
@@ -201,8 +198,9 @@ def test_resume_off_in_a_used_directory_never_continues_the_old_run(done, micro,
     assert not rundir.is_complete(run / "checkpoint-2")
 
 
-def test_a_checkpoint_of_another_run_is_not_resumed(done, micro, corpus, tmp_path):
-    config = copy_run(done, tmp_path, micro, corpus, keep_final=False)
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
+def test_a_checkpoint_of_another_run_is_not_resumed(done, train_config, tmp_path):
+    config = copy_run(done, tmp_path, train_config, keep_final=False)
     run = tmp_path / "run"
     rundir.write_run_id(run, "someotherrun")
     with pytest.raises(ConfigError, match="checkpoint-4: it belongs to run [0-9a-f]+, and run.json says this "
@@ -227,11 +225,12 @@ def corrupt(path: Path, how: str) -> None:
         path.write_bytes(data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1:])
 
 
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 @pytest.mark.parametrize("name", FILES)
-def test_a_broken_file_in_the_newest_checkpoint_falls_back_or_exits_2(done, micro, corpus, tmp_path, name, how):
+def test_a_broken_file_in_the_newest_checkpoint_falls_back_or_exits_2(done, train_config, tmp_path, name, how):
     assert sorted(FILES) == sorted(names((done / "checkpoint-4").iterdir()))  # every kind the run writes
-    config = copy_run(done, tmp_path, micro, corpus, keep_final=False)
+    config = copy_run(done, tmp_path, train_config, keep_final=False)
     run = tmp_path / "run"
     corrupt(run / "checkpoint-4" / name, how)
     start = resolve_resume(load_config(config))
@@ -241,8 +240,8 @@ def test_a_broken_file_in_the_newest_checkpoint_falls_back_or_exits_2(done, micr
 
 
 @pytest.mark.slow  # two trainer processes: over 20 s
-def test_a_corrupt_optimizer_state_end_to_end(done, micro, corpus, tmp_path):
-    config = copy_run(done, tmp_path, micro, corpus, keep_final=False)
+def test_a_corrupt_optimizer_state_end_to_end(done, train_config, tmp_path):
+    config = copy_run(done, tmp_path, train_config, keep_final=False)
     run = tmp_path / "run"
     corrupt(run / "checkpoint-4" / "optimizer.pt", "flip")
     explicit = launch(config, f"train.resume={run / 'checkpoint-4'}")
@@ -258,8 +257,9 @@ def test_a_corrupt_optimizer_state_end_to_end(done, micro, corpus, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Item 4: a finished run reruns as a no-op; one stopped at its last step writes final/ without another step
 
-def test_a_finished_run_reruns_as_a_no_op(done, micro, corpus, tmp_path):
-    config = copy_run(done, tmp_path, micro, corpus)
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
+def test_a_finished_run_reruns_as_a_no_op(done, train_config, tmp_path):
+    config = copy_run(done, tmp_path, train_config)
     run = tmp_path / "run"
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != rundir.CLAIM}
     proc = ok(launch(config))
@@ -268,18 +268,19 @@ def test_a_finished_run_reruns_as_a_no_op(done, micro, corpus, tmp_path):
     assert after == before  # nothing trained, nothing written
 
 
-def test_sigterm_at_the_last_step_writes_final_without_another_step(micro, corpus, tmp_path):
+@pytest.mark.slow  # a trainer subprocess: the end-to-end layer
+def test_sigterm_at_the_last_step_writes_final_without_another_step(train_config, tmp_path):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", micro, corpus, run)
+    config = write_config(tmp_path / "c.yaml", train_config, run)
     proc = ok(launch(config, fault="step@4"))
     assert "stopped by a signal at the last step: final/ written" in proc.stderr
     assert final_steps(run) == 4 and trained_steps(run) == [1, 2, 3, 4]
 
 
 @pytest.mark.slow  # two trainer processes: over 20 s
-def test_a_run_killed_before_final_writes_it_from_its_last_checkpoint(micro, corpus, tmp_path):
+def test_a_run_killed_before_final_writes_it_from_its_last_checkpoint(train_config, tmp_path):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", micro, corpus, run)
+    config = write_config(tmp_path / "c.yaml", train_config, run)
     assert launch(config, fault="final@4").returncode == -signal.SIGKILL
     assert not (run / "final").exists() and rundir.verify(run / "checkpoint-4") is None
     proc = ok(launch(config))
@@ -294,9 +295,9 @@ def test_a_run_killed_before_final_writes_it_from_its_last_checkpoint(micro, cor
 # Item 8: SIGTERM during the evaluation after training
 
 @pytest.mark.slow  # two trainer processes: over 20 s
-def test_sigterm_during_evaluation_exits_0_and_a_rerun_finishes_it(micro, corpus, tmp_path):
+def test_sigterm_during_evaluation_exits_0_and_a_rerun_finishes_it(train_config, tmp_path):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", micro, corpus, run)
+    config = write_config(tmp_path / "c.yaml", train_config, run)
     evaluation = ["eval.lengths=[64,128]", "eval.max_tokens=200"]
     proc = ok(launch(config, *evaluation, fault="eval@4"))
     assert "received SIGTERM during the evaluation: stopped; rerun the same command to finish it" in proc.stderr
@@ -311,7 +312,8 @@ def test_sigterm_during_evaluation_exits_0_and_a_rerun_finishes_it(micro, corpus
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 16 item 3: train() leaves the process's signal handlers as it found them, however it ends
 
-def test_signal_handlers_are_restored_when_training_ends(micro, corpus, tmp_path, monkeypatch):
+@pytest.mark.slow  # two training runs in this process: the end-to-end layer
+def test_signal_handlers_are_restored_when_training_ends(train_config, tmp_path, monkeypatch):
     from longctx import trainer as trainer_lib
 
     def mine(signum, frame):
@@ -319,7 +321,7 @@ def test_signal_handlers_are_restored_when_training_ends(micro, corpus, tmp_path
 
     previous = {sig: signal.signal(sig, mine) for sig in trainer_lib.PREEMPTION_SIGNALS}
     try:
-        cfg = load_config(write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "run", max_steps=1))
+        cfg = load_config(write_config(tmp_path / "c.yaml", train_config, tmp_path / "run", max_steps=1))
         assert trainer_lib.train(cfg).name == "final"
         assert all(signal.getsignal(sig) is mine for sig in trainer_lib.PREEMPTION_SIGNALS)
 
@@ -327,7 +329,7 @@ def test_signal_handlers_are_restored_when_training_ends(micro, corpus, tmp_path
             raise RuntimeError("a save that fails")
 
         monkeypatch.setattr(trainer_lib.CheckpointExtras, "on_save", fail)
-        cfg = load_config(write_config(tmp_path / "c2.yaml", micro, corpus, tmp_path / "run2", max_steps=1))
+        cfg = load_config(write_config(tmp_path / "c2.yaml", train_config, tmp_path / "run2", max_steps=1))
         with pytest.raises(RuntimeError, match="a save that fails"):
             trainer_lib.train(cfg)
         assert all(signal.getsignal(sig) is mine for sig in trainer_lib.PREEMPTION_SIGNALS)

@@ -46,7 +46,7 @@ def test_liger_standin_equals_cross_entropy():
 
 def test_varlen_kernel_only_on_cuda_16bit(monkeypatch):
     standins.install(monkeypatch, flash=True)  # even when flash-attn imports, the CPU never takes that path
-    assert attention._varlen_kernel(torch.zeros(1, dtype=torch.bfloat16)) is None
+    assert attention.varlen_kernel(torch.zeros(1, dtype=torch.bfloat16)) is None
 
 
 @pytest.mark.parametrize("family,heads,kv", [("llama", 4, 2), ("llama", 9, 3),  # 9/3: halves split a kv group
@@ -68,7 +68,7 @@ def test_s2_flash_path_equals_segments_path_and_the_rule(monkeypatch, family, he
 
     def run(kernel):
         model = tiny_model(family, heads=heads, kv_heads=kv, dtype=torch.bfloat16)
-        monkeypatch.setattr(attention, "_varlen_kernel", lambda query: kernel)
+        monkeypatch.setattr(attention, "varlen_kernel", lambda query: kernel)
         handle = longctx.apply(model, attention={"type": "s2", "group_size": G})
         try:
             model.train()

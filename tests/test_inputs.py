@@ -55,25 +55,24 @@ def run_cli(capsys, argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def config_for(tmp: Path, micro: Path, corpus: Path, model: str, **train) -> Path:
-    cfg = {"model": {"name_or_path": model}, "rope": {"rope_type": "yarn", "factor": 2.0},
-           "data": {"train": str(corpus), "num_proc": 1},
-           "train": {"output_dir": str(tmp / "run"), "seq_len": 128, "max_steps": 2, **train}}
+def config_for(tmp: Path, train_config, model: str) -> Path:
+    cfg = train_config(tmp / "run", model={"name_or_path": model}, train={"max_steps": 2})
     path = tmp / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 @pytest.mark.parametrize("command", ["train", "plan", "eval", "export"])
-@pytest.mark.parametrize("kind", ["missing", "not a model", "unsupported family", "truncated gguf"])
-def test_a_bad_model_exits_2_with_one_message(bad_models, micro, corpus, tmp_path, capsys, command, kind):
+@pytest.mark.parametrize("kind", ["missing", "not a model", "unsupported family",
+                                  pytest.param("truncated gguf", marks=pytest.mark.slow)])  # reads the SmolLM2 GGUF
+def test_a_bad_model_exits_2_with_one_message(bad_models, train_config, tmp_path, capsys, command, kind):
     d, models = bad_models
     if kind not in models:
         pytest.skip("the SmolLM2 GGUF is not installed (bash scripts/get_smollm2.sh)")
     model, words = models[kind]
     if command in ("train", "plan"):
         # lora.target_modules that gpt2 lacks too: the family must be named first, not the LoRA target
-        argv = [command, config_for(tmp_path, micro, corpus, model), "lora.target_modules=[q_proj]"]
+        argv = [command, config_for(tmp_path, train_config, model), "lora.target_modules=[q_proj]"]
     elif command == "eval":
         argv = ["eval", "ppl", "--model", model, "--lengths", "64", "--out", tmp_path / "o", "--rope",
                 "rope_type=linear", "factor=2"]
@@ -88,9 +87,9 @@ def test_a_bad_model_exits_2_with_one_message(bad_models, micro, corpus, tmp_pat
     assert not (tmp_path / "run").exists()  # train refused it before writing anything
 
 
-def test_output_dir_that_is_a_file_or_cannot_be_made(micro, corpus, tmp_path, capsys):
+def test_output_dir_that_is_a_file_or_cannot_be_made(micro, train_config, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    config = config_for(tmp_path, micro, corpus, str(micro))
+    config = config_for(tmp_path, train_config, str(micro))
     code, err = run_cli(capsys, ["train", config, f"train.output_dir={tmp_path / 'afile'}"])
     assert code == 2 and f"train.output_dir: {tmp_path / 'afile'} exists and is not a directory" in err
     code, err = run_cli(capsys, ["train", config, f"train.output_dir={tmp_path / 'afile' / 'run'}"])
@@ -117,8 +116,8 @@ def test_output_dir_that_is_a_file_or_cannot_be_made(micro, corpus, tmp_path, ca
     (["export", "{tmp}/final", "--out", "{tmp}/c.yaml"], "--out: {tmp}/c.yaml exists and is not a directory"),
     (["export", "{tmp}/final", "--out", "{tmp}/o", "--atol", "nan"], "argument --atol: must be >= 0, got nan"),
 ])
-def test_bad_arguments_exit_2_before_any_model_loads(micro, corpus, tmp_path, capsys, monkeypatch, argv, message):
-    config_for(tmp_path, micro, corpus, str(micro))
+def test_bad_arguments_exit_2_before_any_model_loads(micro, train_config, tmp_path, capsys, monkeypatch, argv, message):
+    config_for(tmp_path, train_config, str(micro))
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "longctx.json").write_text(json.dumps({"base_model": str(micro), "lora": True,
                                                                   "train_seq_len": 128}))
@@ -133,14 +132,11 @@ def test_bad_arguments_exit_2_before_any_model_loads(micro, corpus, tmp_path, ca
 # Item 12: final/ from another working directory
 
 @pytest.fixture(scope="module")
-def relative_run(micro, corpus, tmp_path_factory):
+def relative_run(micro, train_config, tmp_path_factory):
     """A run trained from its own directory with relative paths: model.name_or_path=base, output_dir=runs/r."""
     work = tmp_path_factory.mktemp("work")
     shutil.copytree(micro, work / "base")
-    cfg = {"model": {"name_or_path": "base"}, "rope": {"rope_type": "yarn", "factor": 2.0},
-           "data": {"train": str(corpus), "num_proc": 1},
-           "train": {"output_dir": "runs/r", "seq_len": 128, "max_steps": 1, "save_steps": 1,
-                     "gradient_accumulation_steps": 1, "gradient_checkpointing": False}}
+    cfg = train_config("runs/r", model={"name_or_path": "base"}, train={"max_steps": 1, "save_steps": 1})
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "c.yaml"], capture_output=True, text=True,
                           cwd=work, timeout=600)
@@ -148,6 +144,7 @@ def relative_run(micro, corpus, tmp_path_factory):
     return work / "runs" / "r" / "final"
 
 
+@pytest.mark.slow  # trains a run with train.py in a subprocess: the end-to-end layer
 def test_final_records_the_base_model_absolute_and_evaluates_from_elsewhere(relative_run, corpus, tmp_path,
                                                                             monkeypatch, capsys):
     info = json.loads((relative_run / "longctx.json").read_text())
@@ -159,6 +156,7 @@ def test_final_records_the_base_model_absolute_and_evaluates_from_elsewhere(rela
     assert json.loads((tmp_path / "o" / "ppl.json").read_text())["r/final"][0]["ppl"] > 1
 
 
+@pytest.mark.slow  # trains a run with train.py in a subprocess: the end-to-end layer
 @pytest.mark.parametrize("recorded", ["cwd", "output_dir", "nothing"])
 def test_an_older_run_with_a_relative_base_model_path(relative_run, tmp_path, monkeypatch, recorded):
     """Runs written before the path was recorded absolute: the training directory is found from longctx.json's cwd,

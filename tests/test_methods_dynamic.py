@@ -1,6 +1,6 @@
 """consistent_dynamic against references: transformers' own `dynamic` for a full forward, the full forward of the
 same prefix for cached decoding (one layer, where it is exact), and a decoding loop whose attention rotates with
-transformers' own dynamic rotary module (any depth, where a full forward is no reference: research/rope.md 2)."""
+transformers' own dynamic rotary module (any depth, where a full forward is no reference: docs/design.md §5)."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""log-n against a reference that writes the rule out (per-query temperature from math.log), unchanged up to the
+"""log-n against the original code's table (Qwen-1's logn_list, per-query temperature), unchanged up to the
 training length, composed with S²-Attn in training, trained through the config, and refused by export."""
 
 import json
@@ -17,21 +17,27 @@ from reference import dense_reference_attention, left_padded, s2_rule_mask, sele
 L = 16
 
 
-def test_scale_is_the_formula():
+def qwen_logn(position: int, train_length: int) -> float:
+    """Qwen-1's table (modeling_qwen.py, `use_logn_attn`): the entry of the 1-based position i is log base
+    seq_length of i past seq_length, else 1; the query at 0-based position p reads entry p (i = p + 1)."""
+    i = position + 1
+    return math.log(i, train_length) if i > train_length else 1.0
+
+
+def test_scale_is_qwens_table():
     pos = torch.arange(100)
-    want = torch.tensor([max(1.0, math.log(i + 1) / math.log(L)) for i in range(100)], dtype=torch.float64)
-    torch.testing.assert_close(logn.scale(pos, L), want, rtol=1e-15, atol=0)
+    want = torch.tensor([qwen_logn(p, L) for p in range(100)], dtype=torch.float64)
+    torch.testing.assert_close(logn.scale(pos, L), want, rtol=1e-14, atol=0)
     assert logn.scale(torch.tensor([L - 1]), L).item() == 1.0 and logn.scale(torch.tensor([L]), L).item() > 1
 
 
 def logn_reference(train_length: int):
-    """Dense causal attention where query row i's scores are multiplied by max(1, log(p_i + 1) / log(L)), p_i its
-    position from `position_ids`, written out per row."""
+    """Dense causal attention where query row i's scores are multiplied by Qwen-1's table at p_i, its position from
+    `position_ids`, written out per row."""
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         pos = kwargs["position_ids"].expand(query.shape[0], -1)
-        t = torch.tensor([[max(1.0, math.log(p + 1) / math.log(train_length)) for p in row] for row in pos.tolist()],
-                         dtype=query.dtype)
+        t = torch.tensor([[qwen_logn(p, train_length) for p in row] for row in pos.tolist()], dtype=query.dtype)
         k = key.repeat_interleave(query.shape[1] // key.shape[1], 1)
         v = value.repeat_interleave(query.shape[1] // value.shape[1], 1)
         scores = (query @ k.transpose(-1, -2)) * scaling * t[:, None, :, None]
@@ -62,7 +68,7 @@ def test_matches_reference_with_padding_and_is_exact_below_the_length():
 
 
 def test_wraps_s2_in_training():
-    """logn on S²-Attn (training mode): the S² rule's dense reference on queries scaled by the formula."""
+    """logn on S²-Attn (training mode): the S² rule's dense reference on queries scaled by Qwen-1's table."""
     torch.manual_seed(1)
     model = tiny_model(layers=2, heads=4, kv_heads=2, max_pos=L)
     model.train()
@@ -73,7 +79,7 @@ def test_wraps_s2_in_training():
     ours = model(input_ids=ids, use_cache=False).logits
     h.remove()
     dense = dense_reference_attention(s2_rule_mask([[(0, 32)]] * 2, 32, 8, 4))
-    t = torch.tensor([max(1.0, math.log(p + 1) / math.log(L)) for p in range(32)], dtype=torch.float64)
+    t = torch.tensor([qwen_logn(p, L) for p in range(32)], dtype=torch.float64)
     AttentionInterface.register("test_logn_s2", lambda m, q, k, v, mask, **kw: dense(m, q * t[:, None], k, v, mask,
                                                                                        **kw))
     model.set_attn_implementation("test_logn_s2")
@@ -89,19 +95,17 @@ def test_refuses_eager():
         longctx.apply(model, method={"name": "logn"})
 
 
-def test_trains_through_the_config_and_export_refuses(micro, corpus, tmp_path, capsys):
+def test_trains_through_the_config_and_export_refuses(train_config, tmp_path, capsys):
     """`method: {name: logn}` in a training config: trained with it (recorded in longctx.json), rebuilt with it by
     evaluation, and `longctx export` exits 2 naming the reason."""
     from longctx.config import load_config
     from longctx.evaluate import load_for_eval
     from longctx.trainer import train
 
-    cfg = load_config(data={
-        "model": {"name_or_path": str(micro)}, "method": {"name": "logn", "train_length": 32},
-        "attention": {"type": "s2", "group_size_ratio": 0.25}, "data": {"train": str(corpus), "num_proc": 1},
-        "train": {"output_dir": str(tmp_path / "run"), "seq_len": 64, "max_steps": 2, "warmup_steps": 0,
-                  "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "save_steps": 100,
-                  "gradient_checkpointing": False}})
+    cfg = load_config(data=train_config(
+        tmp_path / "run", rope=None, method={"name": "logn", "train_length": 32},
+        train={"seq_len": 64, "max_steps": 2, "warmup_steps": 0, "per_device_train_batch_size": 1,
+               "save_steps": 100}))
     final = train(cfg)
     info = json.loads((final / "longctx.json").read_text())
     assert info["method"] == {"name": "logn", "train_length": 32}

@@ -222,6 +222,7 @@ def plain_peft_logits(base_dir: Path, adapter_dir: Path, ids: torch.Tensor, tmp_
     return load_file(str(io) + ".out")["logits"]
 
 
+@pytest.mark.slow  # plain PEFT in a fresh subprocess: about 6 s each, the end-to-end layer
 @pytest.mark.parametrize("tie", [False, True])
 def test_embed_norm_in_the_adapter_load_in_plain_peft(tmp_path, tie):
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict

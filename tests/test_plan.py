@@ -147,12 +147,6 @@ def test_qlora_stores_decoder_weights_in_about_half_a_byte():
     assert nf4 == pytest.approx(0.5 * decoder_linears + float32_rest, rel=0.05)
 
 
-def test_total_counts_the_larger_of_the_two_backward_phases():
-    e = plan.estimate(LLAMA2_7B, seq_len=8192, dtype="bfloat16", chunked_loss=False)
-    layer = e.parts[plan.WORKING_SET] + e.parts[plan.ATTENTION]
-    assert e.total == sum(e.parts.values()) - min(layer, e.parts[plan.LOSS])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -300,8 +294,12 @@ def assert_activations_match(config, dtype, targets, extras, mixed):
     assert e.parts[plan.ALL_ACTIVATIONS] + e.parts[plan.ATTENTION] == pytest.approx(sum(kept.values()), rel=0.05)
 
 
-@pytest.mark.parametrize("vocab, checkpointing, chunked", [(2000, True, True), (8000, False, False)])
-def test_peak_equals_torch_memory_timeline_of_a_training_step(vocab, checkpointing, chunked):
+# The peak holds the larger of two backward phases (a layer's working set, or the loss); the smaller one is not
+# counted. The first two cases have phases of similar size (counting both would be ~45% over the measured peak):
+# the layer's phase larger, then the loss's; the third is the plain loss at a larger vocabulary.
+@pytest.mark.parametrize("vocab, checkpointing, chunked, loss_phase_larger", [
+    (2000, True, True, False), (2000, True, False, True), (8000, False, False, True)])
+def test_peak_equals_torch_memory_timeline_of_a_training_step(vocab, checkpointing, chunked, loss_phase_larger):
     timeline = pytest.importorskip("torch.profiler._memory_profiler")  # private torch API: skip if it moves
     from torch.profiler import ProfilerActivity, profile
 
@@ -332,6 +330,7 @@ def test_peak_equals_torch_memory_timeline_of_a_training_step(vocab, checkpointi
     e = plan.estimate(config, seq_len=n, gradient_checkpointing=checkpointing, chunked_loss=chunked,
                       loss_chunk_size=512, device="cpu")
     assert e.total - e.parts[plan.RUNTIME] == pytest.approx(max(sum(s) for s in sizes), rel=0.1)
+    assert (e.parts[plan.LOSS] > e.parts[plan.WORKING_SET] + e.parts[plan.ATTENTION]) == loss_phase_larger
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""RoPE scaling against transformers' own rotary embedding, the closed forms, and research/rope.md 1.4."""
+"""RoPE scaling against transformers' own rotary embedding and functions, and values transformers 5.23.0 printed."""
 
 import math
 
 import pytest
 import torch
 from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import longctx
@@ -54,30 +55,34 @@ def test_patched_model_matches_transformers_rotary(name):
     handle.remove()
 
 
-def test_ntk_matches_closed_form_and_exports_as_default():
+def test_ntk_equals_transformers_dynamic_ntk_at_the_same_scale_and_exports_as_default():
+    """Fixed NTK-aware scaling by alpha is transformers' dynamic NTK at the length where its scale
+    (factor x seq_len / original - (factor - 1)) equals alpha: factor = alpha = 8, seq_len = 64 x 15 / 8 = 120."""
     model = tiny_model(max_pos=ORIG, dtype=torch.float32, head_dim=8)
+    native = model.model.rotary_emb.inv_freq.clone()
     handle = longctx.apply(model, rope={"rope_type": "ntk", "alpha": 8.0})
-    d = 8
-    theta = 1e4 * 8.0 ** (d / (d - 2))
-    want = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
-    torch.testing.assert_close(model.model.rotary_emb.inv_freq, want, rtol=1e-6, atol=0)
-    rp = model.config.rope_parameters
+    hf_config = LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8, max_position_embeddings=ORIG,
+                            rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0})
+    want, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf_config, "cpu", seq_len=ORIG * 15 // 8)
+    inv = model.model.rotary_emb.inv_freq
+    torch.testing.assert_close(inv, want.float(), rtol=1e-6, atol=0)
+    # bloc97's property: the highest frequency kept, the lowest divided by exactly alpha
+    assert inv[0] == native[0] == 1.0 and math.isclose(native[-1] / inv[-1], 8.0, rel_tol=1e-5)
+    rp = model.config.rope_parameters  # plain transformers rebuilds the same frequencies from the exported theta
     assert rp["rope_type"] == "default" and rp["original_max_position_embeddings"] == ORIG
-    assert math.isclose(rp["rope_theta"], theta, rel_tol=1e-12)
-    # highest frequency kept, lowest divided by exactly alpha (bloc97)
-    base = 1.0 / 1e4 ** (torch.arange(0, d, 2).float() / d)
-    assert model.model.rotary_emb.inv_freq[0] == 1.0
-    assert math.isclose(base[-1] / want[-1] * 1.0, 8.0 ** ((d - 2) / (d - 2)) * 1.0, rel_tol=1e-5)
+    exported = LlamaRotaryEmbedding(LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8,
+                                                max_position_embeddings=ORIG, rope_parameters=rp))
+    torch.testing.assert_close(exported.inv_freq, inv, rtol=1e-6, atol=0)
     handle.remove()
 
 
 def test_ntk_reference_bases():
-    """research/rope.md section 3: alpha 8, d 128 -> 82684.6; alpha 4, d 64 -> 41829.4."""
+    """docs/design.md §4.1: alpha 8, d 128 -> 82684.6; alpha 4, d 64 -> 41829.4."""
     assert round(rope.ntk_theta(1e4, 8.0, 128), 1) == 82684.6
     assert round(rope.ntk_theta(1e4, 4.0, 64), 1) == 41829.4
 
 
-# research/rope.md 1.4: head_dim 64, base 1e4, L 2048, factor 4 (values printed by transformers 5.23.0)
+# docs/design.md §4.2: head_dim 64, base 1e4, L 2048, factor 4 (values printed by transformers 5.23.0)
 REF = {
     "linear": ([2.5e-01, 1.874736e-01, 1.405853e-01, 1.054241e-01],
                [7.905695e-05, 5.928435e-05, 4.445699e-05, 3.333804e-05], 1.0, {}),
@@ -120,7 +125,7 @@ def test_default_factor_is_float_ratio_not_ceil():
 
 
 def test_theta_and_original_length_always_written():
-    """research/rope.md 1.5: a dict without rope_theta loses theta; a missing original length turns silent."""
+    """docs/design.md §4.2: a dict without rope_theta loses theta; a missing original length turns silent."""
     model = tiny_model(max_pos=ORIG, dtype=torch.float32)
     model.config.rope_parameters["rope_theta"] = 5e5
     for rt, extra in [("linear", {}), ("yarn", {}), ("llama3", {"low_freq_factor": 1.0, "high_freq_factor": 4.0})]:

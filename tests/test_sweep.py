@@ -18,23 +18,17 @@ from safetensors.torch import load_file
 
 from longctx import sweep as sweep_lib
 from longctx.cli import main
+from longctx.sweep.job import log_tail
+from longctx.sweep.names import run_names
+from longctx.sweep.state import hostname, pid_stamps
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def base(micro, corpus, tmp_path_factory):
+def base(train_config, tmp_path_factory):
     """A micro training config: 3 steps of 128 tokens, checkpoints at 2 and 3, PPL at 64 and 128."""
-    cfg = {
-        "model": {"name_or_path": str(micro)},
-        "rope": {"rope_type": "yarn", "factor": 2.0},
-        "attention": {"type": "s2", "group_size_ratio": 0.25},
-        "data": {"train": str(corpus), "num_proc": 1},
-        "train": {"output_dir": "unused", "seq_len": 128, "max_steps": 3, "learning_rate": 3e-3, "warmup_steps": 1,
-                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
-                  "save_steps": 2, "gradient_checkpointing": False, "seed": 7},
-        "eval": {"lengths": [64, 128], "max_tokens": 200},
-    }
+    cfg = train_config("unused", train={"save_steps": 2}, eval={"lengths": [64, 128], "max_tokens": 200})
     path = tmp_path_factory.mktemp("base") / "base.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -68,7 +62,7 @@ def test_run_names_are_derived_from_overrides_and_unique():
     assert sweep_lib.run_name({"rope.rope_type": "yarn", "rope.factor": 4}) == "rope_type-yarn__factor-4"
     assert sweep_lib.run_name({"rope.factor": 4.0, "data.train": "a/b c"}) == "factor-4__train-a_b_c"
     assert sweep_lib.run_name({}) == "base"
-    names = sweep_lib._names([{"rope.alpha": 2}, {"lora.alpha": 2}, {"rope.alpha": 3}])
+    names = run_names([{"rope.alpha": 2}, {"lora.alpha": 2}, {"rope.alpha": 3}])
     assert names == ["rope.alpha-2", "lora.alpha-2", "alpha-3"]
 
 
@@ -134,7 +128,7 @@ def done_sweep(base, tmp_path_factory):
                        max_parallel=2, grid={"rope.rope_type": ["linear", "yarn"], "rope.factor": [2, 4]})
     t0 = time.time()
     rc = main(["sweep", str(path)])
-    assert rc == 0, [sweep_lib._tail(p, 30) for p in (d / "out" / "logs").glob("*.log")]
+    assert rc == 0, [log_tail(p, 30) for p in (d / "out" / "logs").glob("*.log")]
     return path, d / "out", time.time() - t0
 
 
@@ -150,6 +144,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # a local sweep of train.py subprocesses: the end-to-end layer
 def test_local_sweep_end_to_end_gives_a_4_row_leaderboard(done_sweep):
     _, out, _ = done_sweep
     rows = read_csv(out / "leaderboard.csv")
@@ -171,6 +166,7 @@ def test_local_sweep_end_to_end_gives_a_4_row_leaderboard(done_sweep):
     assert (out / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a local sweep of train.py subprocesses: the end-to-end layer
 def test_rerun_skips_finished_runs_in_seconds(done_sweep, capsys):
     path, out, first = done_sweep
     logs = {p: p.read_text() for p in (out / "logs").glob("*.log")}
@@ -183,6 +179,7 @@ def test_rerun_skips_finished_runs_in_seconds(done_sweep, capsys):
     assert len(read_csv(out / "leaderboard.csv")) == 4
 
 
+@pytest.mark.slow  # a local sweep of train.py subprocesses: the end-to-end layer
 def test_interrupted_run_resumes_on_rerun(done_sweep, capsys):
     """The state a kill leaves: complete checkpoint-2, checkpoint-3 half-written (no completion marker), no final.
     The rerun resumes from checkpoint-2 and ends with the weights of the uninterrupted run."""
@@ -206,6 +203,7 @@ def test_interrupted_run_resumes_on_rerun(done_sweep, capsys):
     assert (run / "eval" / "ppl.json").is_file() and len(read_csv(out / "leaderboard.csv")) == 4
 
 
+@pytest.mark.slow  # a local sweep of train.py subprocesses: the end-to-end layer
 def test_leaderboard_reads_passkey_results(done_sweep, capsys):
     from longctx.evaluate import write_passkey
 
@@ -246,12 +244,12 @@ def test_preemption_checkpoints_requeues_and_resumes(base, tmp_path):
     sj = sweep_lib.make_executor(sweep).submit(job)
     deadline = time.time() + 300
     while not (run.dir / "checkpoint-2" / sweep_lib.COMPLETE).is_file():
-        assert not sj.done() and time.time() < deadline, sweep_lib._tail(job.log, 40)
+        assert not sj.done() and time.time() < deadline, log_tail(job.log, 40)
         time.sleep(0.2)
     tasks = [p for p in psutil.Process(sj._process.pid).children(recursive=True) if "submitit.core._submit" in cmdline(p)]
     assert len(tasks) == 1
     os.kill(tasks[0].pid, signal.SIGUSR1)  # what SLURM sends signal_delay_s before the time limit
-    assert sj.result() == str(run.dir), sweep_lib._tail(job.log, 40)
+    assert sj.result() == str(run.dir), log_tail(job.log, 40)
     log = job.log.read_text()
     assert "preemption signal" in log and "saving a checkpoint at the end of this step" in log
     resumed_from = int(log.split(": resuming from checkpoint-")[1].split()[0])
@@ -259,6 +257,7 @@ def test_preemption_checkpoints_requeues_and_resumes(base, tmp_path):
     assert json.loads((run.dir / f"checkpoint-{steps}" / "trainer_state.json").read_text())["global_step"] == steps
 
 
+@pytest.mark.slow  # evaluates two runs through the CLI: the end-to-end layer
 def test_eval_only_sweep_on_the_debug_executor(micro, corpus, base, tmp_path, capsys):
     """mode: eval evaluates the base model with the run's rope (`longctx eval ppl --rope ...`), trains nothing."""
     path = write_sweep(tmp_path / "s.yaml", base=str(base), output_dir=str(tmp_path / "out"), mode="eval",
@@ -294,12 +293,11 @@ def test_run_still_running_on_this_machine_is_not_started_twice(base, tmp_path, 
                        grid={"rope.factor": [2]})
     run_dir = tmp_path / "out" / "factor-2"
     run_dir.mkdir(parents=True)
-    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": sweep_lib._host(),
-                                                         "pids": sweep_lib._pid_stamps([os.getpid()])}))
+    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": hostname(), "pids": pid_stamps([os.getpid()])}))
     rc, out, _ = sweep_cli(capsys, path)
     assert rc == 0 and f"still queued or running as process {os.getpid()}" in out
     assert not (tmp_path / "out" / "logs" / "factor-2.log").exists()
-    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": sweep_lib._host(), "pids": {"1": 0.0}}))  # stale
+    (run_dir / sweep_lib.RUNNING).write_text(json.dumps({"host": hostname(), "pids": {"1": 0.0}}))  # stale
     assert sweep_lib.running_here(run_dir) is None
 
 

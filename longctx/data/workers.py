@@ -8,7 +8,7 @@ import os
 from longctx import dist
 
 
-def _cores() -> int:
+def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -18,7 +18,7 @@ def _cores() -> int:
 def num_proc(requested: int | None, rows: int) -> int | None:
     """Worker processes for ``datasets.map``: the request (default: all cores), bounded by the cores and by
     the rows (at least 64 per process); None means in-process."""
-    n = min(requested or _cores(), _cores(), max(1, rows // 64))
+    n = min(requested or cpu_cores(), cpu_cores(), max(1, rows // 64))
     return n if n > 1 else None
 
 

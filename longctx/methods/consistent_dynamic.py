@@ -3,7 +3,7 @@
     longctx eval ppl --model data/tiny-base --method consistent_dynamic factor=4 --lengths 256,1024 --out /tmp/cd
 
 transformers' `dynamic` rotates keys before they enter the cache, and beyond the original length L the base changes
-with every decoded token, so cached keys carry stale bases (research/rope.md 1.3; 4.9e-4 off a full forward with
+with every decoded token, so cached keys carry stale bases (docs/design.md §5; 4.9e-4 off a full forward with
 one layer). Here the cache holds unrotated keys (`IdentityRotary`) and the attention function rotates the query and
 all keys with the base for the current length n of each row: base' = base * (factor * n / L - (factor - 1))^(d/(d-2))
 for n > L, transformers' own dynamic formula, computed through the rope registry (`rope.frequencies`). Cost: every
@@ -12,7 +12,7 @@ key is rotated again at every step and layer, O(n d).
 A row's length n is its largest key position + 1, so a padded row gets the base of its own length, not the
 batch's. With one layer a cached decode step equals a full forward of the same prefix; with more layers the
 deeper keys of earlier tokens were computed from hidden states of earlier bases, which no cache can avoid
-(research/rope.md 2): the rotation is consistent, the hidden states are those of the steps that made them.
+(docs/design.md §5): the rotation is consistent, the hidden states are those of the steps that made them.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 
 The query at position i is multiplied by max(1, log(i + 1) / log(L)), L = `train_length` (default: the model's
 original length): attention keeps its entropy as the context grows past L, and nothing changes up to L. It only
-scales queries, so it lives in the attention function (scaling cos/sin would scale keys too: research/rope.md 2),
+scales queries, so it lives in the attention function (scaling cos/sin would scale keys too: docs/design.md §5),
 and it wraps whatever attention the model uses: sdpa, S²-Attn while training, another method (rerope, ...). The
 wrapper is registered as `longctx_logn+<inner>` with the inner implementation's own mask function. Positions are
 `position_ids` (per document when packed, from the padding mask under `generate`).

@@ -1,7 +1,7 @@
 """What the methods that rotate inside attention share: an identity rotary module, positions, rotation, selection.
 
 consistent_dynamic and (leaky) ReRoPE need q and k *unrotated* in the attention function, so that the KV cache
-holds unrotated keys and every step can rotate them for the current length (research/rope.md 2, "consistent
+holds unrotated keys and every step can rotate them for the current length (docs/design.md §5, "consistent
 dynamic NTK with no patching"). The model's rotary module is replaced on the instance by `IdentityRotary`
 (cos = 1, sin = 0: `apply_rotary_pos_emb` then returns q and k exactly as they were); the registered attention
 function rotates.
@@ -78,7 +78,7 @@ def set_on_modules(model: torch.nn.Module, attr: str, value) -> Undo:
 def select(model, name: str, attention: Callable, mask: Callable | None = s2_mask) -> Undo:
     """Register `attention` under `name` with transformers' AttentionInterface, and `mask` (default: the padding-aware
     one) with AttentionMaskInterface (without one transformers hands a custom attention no padding mask:
-    research/rope.md 2), then select it on this model; the undo selects the previous implementation again."""
+    docs/design.md §5), then select it on this model; the undo selects the previous implementation again."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

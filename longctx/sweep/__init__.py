@@ -29,17 +29,15 @@ directory says: finished, resumable, running), `job` (one run as a process, what
 # pickles of `Job` written before the split, which name it longctx.sweep.Job).
 from longctx.sweep.cli import add_parsers, cmd_sweep
 from longctx.sweep.executors import active_slurm_jobs, launch, log, make_executor
-from longctx.sweep.job import CLI, PREEMPT_SIGNAL, TRAIN_SCRIPT, Job, _tail, eval_args, make_job
+from longctx.sweep.job import CLI, PREEMPT_SIGNAL, TRAIN_SCRIPT, Job, eval_args, make_job
 from longctx.sweep.leaderboard import collect, passkey_accuracy, train_stats, write_leaderboard
-from longctx.sweep.names import _names, run_name
+from longctx.sweep.names import run_name
 from longctx.sweep.spec import Run, SlurmSettings, Sweep, SweepFile, expand, load_sweep
-from longctx.sweep.state import (COMPLETE, RUNNING, _host, _pid_stamps, is_finished, last_checkpoint, run_state,
-                                 running_here)
+from longctx.sweep.state import COMPLETE, RUNNING, is_finished, last_checkpoint, run_state, running_here
 
 __all__ = [
     "CLI", "COMPLETE", "PREEMPT_SIGNAL", "RUNNING", "TRAIN_SCRIPT", "Job", "Run", "SlurmSettings", "Sweep",
     "SweepFile", "active_slurm_jobs", "add_parsers", "cmd_sweep", "collect", "eval_args", "expand", "is_finished",
     "last_checkpoint", "launch", "load_sweep", "log", "make_executor", "make_job", "passkey_accuracy", "run_name",
     "run_state", "running_here", "train_stats", "write_leaderboard",
-    "_host", "_names", "_pid_stamps", "_tail",  # private, but tests/test_sweep.py reaches them here
 ]

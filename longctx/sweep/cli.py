@@ -8,7 +8,7 @@ import sys
 from longctx.config import ConfigError
 from longctx.sweep.executors import active_slurm_jobs, launch
 from longctx.sweep.leaderboard import collect, write_leaderboard
-from longctx.sweep.names import _show
+from longctx.sweep.names import show_value
 from longctx.sweep.spec import load_sweep
 from longctx.sweep.state import run_state, running_here
 
@@ -28,7 +28,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {sweep.name}: {len(sweep.runs)} run(s), mode {sf.mode}, executor {sf.executor} -> {sweep.output_dir}")
     width = max(len(r.name) for r in sweep.runs)
     for r in sweep.runs:
-        own = " ".join(f"{k}={_show(v)}" for k, v in r.own.items())
+        own = " ".join(f"{k}={show_value(v)}" for k, v in r.own.items())
         print(f"  {states[r.name]:<24} {r.name:<{width}}  {own}")
     if args.dry_run:
         return 0

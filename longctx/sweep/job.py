@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from longctx import rundir
-from longctx.sweep.names import _yaml
+from longctx.sweep.names import override_text
 from longctx.sweep.spec import Run, Sweep
-from longctx.sweep.state import RUNNING, _host, _pid_stamps, last_checkpoint
+from longctx.sweep.state import RUNNING, hostname, last_checkpoint, pid_stamps
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 CLI = "import sys; from longctx.cli import main; sys.exit(main(sys.argv[1:]))"  # `python -c CLI eval ppl ...`
@@ -66,7 +66,7 @@ class Job:
             lock = self.run_dir / RUNNING
             if node == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                lock.write_text(json.dumps({"host": _host(), "pids": _pid_stamps([os.getpid(), proc.pid])}))
+                lock.write_text(json.dumps({"host": hostname(), "pids": pid_stamps([os.getpid(), proc.pid])}))
             try:
                 while proc.poll() is None:
                     time.sleep(0.5)
@@ -78,7 +78,7 @@ class Job:
             rc = proc.returncode
             out.write(f"\n[sweep] {self.name}: exit code {rc}\n")
         if rc != 0:
-            raise RuntimeError(f"run {self.name} failed (exit code {rc}); log: {log_path}\n{_tail(log_path)}")
+            raise RuntimeError(f"run {self.name} failed (exit code {rc}); log: {log_path}\n{log_tail(log_path)}")
         return str(self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
@@ -157,7 +157,7 @@ def _alive(p) -> bool:
         return False
 
 
-def _tail(path: Path, n: int = 15) -> str:
+def log_tail(path: Path, n: int = 15) -> str:
     try:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
     except OSError:
@@ -198,8 +198,8 @@ def eval_args(run: Run) -> list[str]:
         args += ["--stride", str(cfg.eval.stride)]
     rope = cfg.rope_dict()
     if rope:
-        args += ["--rope", *(f"{k}={_yaml(v)}" for k, v in rope.items())]
+        args += ["--rope", *(f"{k}={override_text(v)}" for k, v in rope.items())]
     method = cfg.method_dict()
     if method:
-        args += ["--method", method.pop("name"), *(f"{k}={_yaml(v)}" for k, v in method.items())]
+        args += ["--method", method.pop("name"), *(f"{k}={override_text(v)}" for k, v in method.items())]
     return args

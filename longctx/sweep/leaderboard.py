@@ -11,7 +11,7 @@ from typing import Any
 
 from longctx import rundir
 from longctx.sweep.spec import Sweep
-from longctx.sweep.state import _read_json, last_checkpoint, run_state
+from longctx.sweep.state import last_checkpoint, run_state
 
 
 def _ppl_rows(ppl: dict) -> list[dict]:
@@ -48,7 +48,7 @@ def train_stats(run_dir: Path) -> dict[str, float | None]:
     """Last logged loss and tokens/s, and the step count, from the newest checkpoint's trainer_state.json."""
     ckpt = last_checkpoint(run_dir)
     out: dict[str, float | None] = {"train_loss": None, "tokens_per_s": None, "steps": None}
-    state = _read_json(ckpt / "trainer_state.json") if ckpt else None
+    state = rundir.read_json(ckpt / "trainer_state.json") if ckpt else None
     for entry in (state or {}).get("log_history", []):
         if "loss" in entry:
             out["train_loss"] = entry["loss"]
@@ -64,8 +64,8 @@ def collect(sweep: Sweep, status: dict[str, str] | None = None) -> list[dict[str
     keys = list(dict.fromkeys(k for r in sweep.runs for k in r.own))
     rows = []
     for run in sweep.runs:
-        ppl = _read_json(rundir.eval_dir(run.dir) / "ppl.json") or {}
-        passkey = _read_json(rundir.eval_dir(run.dir) / "passkey.json")
+        ppl = rundir.read_json(rundir.eval_dir(run.dir) / "ppl.json") or {}
+        passkey = rundir.read_json(rundir.eval_dir(run.dir) / "passkey.json")
         state = run_state(run, sweep.file.mode)
         if state != "done" and (status or {}).get(run.name):
             state = status[run.name]

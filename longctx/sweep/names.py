@@ -13,7 +13,7 @@ import yaml
 from longctx.config import ConfigError
 
 
-def _yaml(v: Any) -> str:
+def override_text(v: Any) -> str:
     """A value as the YAML text of a dotted override: plain when YAML reads it back as the same string, else JSON
     (which is YAML)."""
     if isinstance(v, str) and v.strip() == v and v:
@@ -37,7 +37,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _show(v: Any) -> str:
+def show_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, dict)) else _fmt(v)
 
 
@@ -54,7 +54,7 @@ def run_name(own: dict[str, Any], full_keys: bool = False) -> str:
     return _safe("__".join(f"{k if full_keys else k.split('.')[-1]}-{_fmt(v)}" for k, v in own.items()))
 
 
-def _names(owns: list[dict[str, Any]]) -> list[str]:
+def run_names(owns: list[dict[str, Any]]) -> list[str]:
     """Unique directory names: short keys, full dotted keys where short ones collide, then -2, -3, ..."""
     for i, own in enumerate(owns):
         if own in owns[:i]:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from longctx.config import Config, ConfigError, load_config, read_yaml, train_problems
 from longctx.errors import validation_messages
-from longctx.sweep.names import _names, _yaml
+from longctx.sweep.names import override_text, run_names
 
 
 class _Strict(BaseModel):
@@ -151,12 +151,12 @@ def expand(sweep: Sweep) -> list[Run]:
     keys = list(sf.grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*sf.grid.values())] if keys else [{}]
     owns = [{**p, **r} for r in (sf.runs or [{}]) for p in points]
-    names = _names(owns)
+    names = run_names(owns)
     runs, errors = [], {}
     for name, own in zip(names, owns):
         run_dir = sweep.output_dir / name
         # train.output_dir last: whatever the overrides replace, every run writes in its own directory in OUTPUT
-        args = ["train.resume=auto"] + [f"{k}={_yaml(v)}" for k, v in {**sf.overrides, **own}.items()] + \
+        args = ["train.resume=auto"] + [f"{k}={override_text(v)}" for k, v in {**sf.overrides, **own}.items()] + \
                [f"train.output_dir={run_dir}"]
         try:
             cfg = load_config(sweep.base, overrides=args)

@@ -4,9 +4,7 @@ before its trainer starts)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from longctx import rundir
 from longctx.rundir import COMPLETE  # noqa: F401  (re-exported by longctx.sweep)
@@ -35,13 +33,13 @@ def run_state(run: Run, mode: str) -> str:
     return f"resume from {ckpt.name}" if ckpt else "new"
 
 
-def _host() -> str:
+def hostname() -> str:
     import socket
 
     return socket.gethostname()
 
 
-def _pid_stamps(pids: list[int]) -> dict[str, float]:
+def pid_stamps(pids: list[int]) -> dict[str, float]:
     import psutil
 
     out = {}
@@ -62,8 +60,8 @@ def running_here(run_dir: Path) -> str | None:
     claimed = rundir.holder(run_dir)
     if claimed:
         return claimed
-    info = _read_json(run_dir / RUNNING)
-    if not isinstance(info, dict) or info.get("host") != _host():
+    info = rundir.read_json(run_dir / RUNNING)
+    if not isinstance(info, dict) or info.get("host") != hostname():
         return None
     for pid, created in (info.get("pids") or {}).items():
         try:
@@ -73,10 +71,3 @@ def running_here(run_dir: Path) -> str | None:
         except (psutil.Error, ValueError):
             continue
     return None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
