@@ -42,6 +42,7 @@ from longctx import evaluate
 from longctx import loss as loss_lib
 from longctx import model as model_lib
 from longctx import patch, plan
+from longctx import sequence_parallel as sp
 from longctx.config import Config, ConfigError, train_problems
 
 log = logging.getLogger("longctx")
@@ -448,6 +449,7 @@ def training_arguments(cfg: Config) -> TrainingArguments:
         remove_unused_columns=False, logging_nan_inf_filter=False, disable_tqdm=not dist.is_main(),
         gradient_checkpointing=False,  # model_lib.prepare_for_training enables it (non-reentrant)
         save_only_model=False, use_cpu=not torch.cuda.is_available(),
+        **sp.training_arguments(t.sequence_parallel_size, dist.world_size(), t.seq_len),  # issue 12
     )
 
 
@@ -456,6 +458,8 @@ def train(cfg: Config) -> Path:
     same command to go on). The run directory stays claimed by this process until it exits (`rundir.release`)."""
     run_dir = Path(cfg.train.output_dir)
     problems = train_problems(cfg)  # dynamic RoPE, training-free methods (sweep's dry run checks the same)
+    P = cfg.train.sequence_parallel_size
+    problems += sp.world_problems(P, dist.world_size())  # before TrainingArguments (issue 12)
     if problems:
         raise ConfigError("\n".join(problems))
     # TrainingArguments before the model: under ZeRO-3 transformers then loads the weights already partitioned
@@ -468,6 +472,9 @@ def train(cfg: Config) -> Path:
     m = cfg.model
     model_config = model_lib.read_config(m.name_or_path, m.gguf_file, m.trust_remote_code)  # exit 2 before writing
     patch.check_supported(model_config)
+    problems = sp.model_problems(P, model_config)  # its family and heads, before the weights load (issue 12)
+    if problems:
+        raise ConfigError("\n".join(problems))
     dist.on_main(lambda: rundir.claim(run_dir))  # one live run per directory: rank 0 holds it, all ranks stop if taken
     start = dist.on_main(lambda: prepare_run_dir(cfg))
     if start.finished is not None:
@@ -499,6 +506,8 @@ def train(cfg: Config) -> Path:
         except ValueError as e:  # a target module or trainable_params substring the model does not have
             raise ConfigError(f"lora: {e}") from None
     handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict(), method=cfg.method_dict())
+    if P > 1:
+        sp.prepare(handle, P, dist.rank())
     checkpoint = start.checkpoint
     if checkpoint is not None and (checkpoint / rundir.TRAINABLE).is_file():
         with zero3_gathered(model, modify=True):
@@ -506,20 +515,21 @@ def train(cfg: Config) -> Path:
     trainable, total = model_lib.count_parameters(model)
 
     train_ds = _dataset(cfg, tokenizer, "train")
+    dp = sp.data_parallel_size(P, world)  # the P processes of an SP group train on the same sequences
     tokens_per_step = cfg.train.seq_len * cfg.train.per_device_train_batch_size * \
-        cfg.train.gradient_accumulation_steps * world
+        cfg.train.gradient_accumulation_steps * dp
     if dist.is_main():
-        log.info("trainable %s / %s parameters (%.2f%%); global batch %d x %d x %d = %d sequences of %d tokens",
+        log.info("trainable %s / %s parameters (%.2f%%); global batch %d x %d x %d = %d sequences of %d tokens%s",
                  f"{trainable:,}", f"{total:,}", 100 * trainable / total, cfg.train.per_device_train_batch_size,
-                 cfg.train.gradient_accumulation_steps, world, tokens_per_step // cfg.train.seq_len,
-                 cfg.train.seq_len)
+                 cfg.train.gradient_accumulation_steps, dp, tokens_per_step // cfg.train.seq_len,
+                 cfg.train.seq_len, f" (sequence parallel: {P} processes per sequence)" if P > 1 else "")
     preemption = Preemption()
     try:
         callbacks = [NoStepPastMaxSteps(), CheckpointExtras(cfg.to_yaml(), start.run_id, cfg.train.save_total_limit),
                      Throughput(tokens_per_step), preemption]
         trainer = LongctxTrainer(
             model=model, args=args, train_dataset=train_ds,
-            data_collator=data_lib.DataCollator(tokenizer.pad_token_id), callbacks=callbacks,
+            data_collator=_collator(tokenizer, P), callbacks=callbacks,
             chunked_loss=cfg.train.chunked_loss, loss_chunk_size=cfg.train.loss_chunk_size,
         )
         if cfg.eval.lengths:  # ppl@L every eval.every steps and at the last step, to the trainer's loggers
@@ -547,6 +557,12 @@ def train(cfg: Config) -> Path:
         return final
     finally:
         preemption.restore()
+
+
+def _collator(tokenizer, P: int):
+    if P == 1:
+        return data_lib.DataCollator(tokenizer.pad_token_id)
+    return sp.PositionIds(data_lib.DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=P))
 
 
 def _dataset(cfg: Config, tokenizer, split: str):

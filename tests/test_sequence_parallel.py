@@ -1,0 +1,171 @@
+"""Sequence parallelism (issue 12): S² with the head offset of a DeepSpeed Ulysses rank, config validation, and the
+real thing under torchrun against a 1-process run.
+
+The simulated ranks hand each rank exactly what Ulysses' all-to-all hands it (research/sp.md section 1): the whole
+sequence for query heads [r*H/P, (r+1)*H/P), and kv heads [r*H_kv/P, ...) when P divides H_kv, else the kv heads
+repeat_interleaved P/H_kv times with one per rank. Concatenating the ranks' outputs along the heads must give the
+dense S² reference of the whole model (reference.py, built from the written rule).
+"""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from longctx.attention import S2Settings, s2_attention_forward
+from reference import dense_reference_attention, real_positions, s2_rule_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (H, H_kv, P): plain GQA; kv replication (P > H_kv); odd P with a rank straddling H//2 (H=6, P=3: rank 1 holds
+# heads 2, 3 and the split is at 3); straddling and replicated; one head per rank.
+CASES = [(4, 2, 2), (4, 1, 2), (6, 3, 3), (6, 1, 3), (8, 2, 4), (4, 4, 4)]
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, settings: S2Settings):
+        super().__init__()
+        self.s2_settings = settings
+
+
+def _rank_inputs(q, k, v, rank: int, P: int):
+    """What rank `rank` holds after Ulysses' all-to-all (sequence shard -> head shard)."""
+    H, H_kv = q.shape[1], k.shape[1]
+    h = H // P
+    if H_kv % P == 0:
+        hk = H_kv // P
+        return q[:, rank * h:(rank + 1) * h], k[:, rank * hk:(rank + 1) * hk], v[:, rank * hk:(rank + 1) * hk]
+    rep = P // H_kv  # DeepSpeed: kv heads repeat_interleave'd so that each rank gets one
+    return q[:, rank * h:(rank + 1) * h], k.repeat_interleave(rep, 1)[:, rank:rank + 1], \
+        v.repeat_interleave(rep, 1)[:, rank:rank + 1]
+
+
+def _simulated(q, k, v, P: int, settings: S2Settings, position_ids, offset: bool = True):
+    outs = []
+    for r in range(P):
+        module = _Attention(replace(settings, sp_rank=r, sp_size=P) if offset else settings).train()
+        out, _ = s2_attention_forward(module, *_rank_inputs(q, k, v, r, P), None, scaling=q.shape[-1] ** -0.5,
+                                      position_ids=position_ids)
+        outs.append(out)  # [B, T, H/P, D]
+    return torch.cat(outs, dim=2)
+
+
+def _inputs(H, H_kv, T=32, B=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, n, T, D, generator=g, dtype=torch.float64, requires_grad=True) for n in (H, H_kv, H_kv)]
+
+
+DOCS = {
+    "rows": ([[(0, 32)], [(0, 32)]], None),
+    # document-aware packing: position_ids restart (the wrapper hands S² the gathered global position_ids)
+    "packed": ([[(0, 10), (10, 3), (13, 19)], [(0, 32)]],
+               torch.stack([torch.cat([torch.arange(10), torch.arange(3), torch.arange(19)]), torch.arange(32)])),
+}
+
+
+@pytest.mark.parametrize("H,H_kv,P", CASES)
+@pytest.mark.parametrize("layout", DOCS)
+def test_ranks_together_equal_the_dense_s2_reference(H, H_kv, P, layout):
+    docs, pos = DOCS[layout]
+    T, group = 32, 8
+    q, k, v = _inputs(H, H_kv, T)
+    ours = _simulated(q, k, v, P, S2Settings(group_size=group), pos)
+    ref, _ = dense_reference_attention(s2_rule_mask(docs, T, group, H))(None, q, k, v, None, scaling=8 ** -0.5)
+    real = real_positions(docs, T)
+    torch.testing.assert_close(ours[real], ref[real], rtol=0, atol=1e-12)
+    # gradients through every rank's piece, against the reference's
+    w = torch.randn_like(ref)
+    g_ours = torch.autograd.grad((ours[real] * w[real]).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((ref[real] * w[real]).sum(), (q, k, v))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("H,H_kv,P", [(4, 2, 2), (6, 3, 3)])
+def test_without_the_head_offset_the_ranks_are_wrong(H, H_kv, P):
+    """The bug the offset fixes (research/sp.md p2 C): each rank shifting half of its own heads runs without an
+    error and differs from S²; this is what the test above would catch."""
+    T, group = 32, 8
+    q, k, v = _inputs(H, H_kv, T)
+    naive = _simulated(q, k, v, P, S2Settings(group_size=group), None, offset=False)
+    ref, _ = dense_reference_attention(s2_rule_mask([[(0, T)]] * 2, T, group, H))(None, q, k, v, None,
+                                                                                  scaling=8 ** -0.5)
+    assert (naive - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("H,P,expected", [(4, 2, [2, 0]), (6, 3, [2, 1, 0]), (8, 4, [2, 2, 0, 0]), (9, 3, [3, 1, 0])])
+def test_shifted_from_is_the_global_split_in_local_heads(H, P, expected):
+    """Local index of the first shifted head: global heads >= H//2 are shifted (DESIGN.md)."""
+    h = H // P
+    got = [S2Settings(sp_rank=r, sp_size=P).shifted_from(h) for r in range(P)]
+    assert got == expected
+    assert [sum(1 for j in range(h) if r * h + j >= H // 2) for r in range(P)] == [h - s for s in got]
+    assert S2Settings(shift=False, sp_rank=1, sp_size=P).shifted_from(h) == h
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation: every problem names train.sequence_parallel_size and what is allowed, before any model loads
+
+BASE = {"model": {"name_or_path": "data/tiny-base"}, "train": {"seq_len": 1024, "sequence_parallel_size": 2,
+                                                               "deepspeed": "configs/deepspeed/zero2.json"}}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.deepspeed=null"], "train.sequence_parallel_size: 2 needs DeepSpeed"),
+    (["train.seq_len=1025", "attention.type=full"], "train.sequence_parallel_size: 2 must divide train.seq_len=1025"),
+    (["model.quantization=4bit", "lora.enabled=true"], "(QLoRA) is not supported"),
+    (["train.sequence_parallel_size=0"], "train.sequence_parallel_size: must be >= 1, got 0"),
+])
+def test_bad_sequence_parallel_configs_are_refused(overrides, message, monkeypatch):
+    from longctx.config import ConfigError, load_config
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError) as e:
+        load_config(data=BASE, overrides=overrides)
+    assert message in str(e.value)
+
+
+def test_a_good_sequence_parallel_config_loads(monkeypatch):
+    from longctx.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    assert load_config(data=BASE).train.sequence_parallel_size == 2
+    assert load_config(data={"model": BASE["model"], "train": {"seq_len": 1024}}).train.sequence_parallel_size == 1
+
+
+@pytest.mark.parametrize("H,H_kv,P,allowed", [
+    (4, 2, 3, "allowed: 2, 4"),
+    (9, 3, 2, "allowed: 3, 9"),  # SmolLM2-135M
+    (32, 8, 16, None),  # Llama-3-8B at P = 16: kv heads replicated twice
+    (32, 8, 64, "allowed: 2, 4, 8, 16, 32"),
+    (4, 1, 4, None),
+])
+def test_heads_decide_which_sizes_deepspeed_accepts(H, H_kv, P, allowed):
+    from longctx.sequence_parallel import model_problems
+    from reference import tiny_config
+
+    problems = model_problems(P, tiny_config(heads=H, kv_heads=H_kv))
+    if allowed is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and f"train.sequence_parallel_size: {P} does not fit" in problems[0] \
+            and allowed in problems[0]
+
+
+def test_world_size_must_be_a_multiple_of_p():
+    from longctx.sequence_parallel import world_problems
+
+    assert world_problems(2, 4) == [] and world_problems(1, 3) == []
+    assert "must divide the number of processes, 3" in world_problems(2, 3)[0]
+
+
+def test_train_exits_2_without_enough_processes(micro, corpus, tmp_path):
+    """One process, P = 2: exit 2 naming the key, before a model loads (no run directory is written)."""
+    from test_train import run, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "run")
+    proc = run(cfg, "train.sequence_parallel_size=2", "train.deepspeed=configs/deepspeed/zero2.json", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "train.sequence_parallel_size: 2 must divide the number of processes, 1" in proc.stderr
+    assert not (tmp_path / "run").exists()
