@@ -142,6 +142,29 @@ def prepare(handle, P: int, rank: int) -> None:
     handle._undo.append(unwrap)
 
 
+def enabled(accelerator) -> bool:
+    pc = getattr(accelerator, "parallelism_config", None)
+    return pc is not None and pc.sp_backend == "deepspeed" and pc.sp_size > 1
+
+
+def token_weighted_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The loss of the whole sequence from each SP rank's loss sum over its shard (`total`) and its number of scored
+    tokens (`count`): sum of totals / sum of counts over the SP group, the same value on every rank.
+
+    Only this rank's own sum carries gradient. DeepSpeed sums gradients over the SP group (ZeRO divides by
+    dp_world / P, zero/stage_1_and_2.py), so each rank must backpropagate its own tokens once. transformers'
+    deepspeed_sp_compute_loss all-gathers the losses differentiably instead, and that all-gather's backward sums
+    the P ranks' copies: P times the gradient (the logged grad_norm doubled at P = 2; Adam hides most of it, but
+    not gradient clipping)."""
+    from deepspeed.utils import groups  # the SP group DeepSpeed built (accelerate and transformers look it up so)
+
+    sums = torch.stack([total.detach().float(), count.to(total.device).float()])
+    torch.distributed.all_reduce(sums, group=groups._get_sequence_parallel_group())
+    n = sums[1].clamp(min=1)
+    local = total / n
+    return local + (sums[0] / n - local).detach()
+
+
 class PositionIds:
     """A collator wrapper: every batch carries position_ids (0..T-1 per row where the rows have none), as the
     Ulysses wrapper requires; rows are padded to a multiple of P by the inner collator."""

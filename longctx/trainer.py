@@ -365,6 +365,8 @@ class LongctxTrainer(Trainer):
         The model runs as usual (its wrappers: DDP/DeepSpeed, accelerate's autocast, PEFT) with its lm_head passing
         its input through, so no logits are built; then `loss.causal_lm_loss` with the lm_head's weight, in the
         dtype the lm_head would have computed in. Same num_items_in_batch handling as Trainer.compute_loss."""
+        if model.training and "shift_labels" in inputs and not return_outputs and sp.enabled(self.accelerator):
+            return self._sequence_parallel_loss(model, inputs)
         if (not self.chunked_loss or return_outputs or not model.training or "labels" not in inputs
                 or self.label_smoother is not None or self.compute_loss_func is not None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -403,6 +405,29 @@ class LongctxTrainer(Trainer):
             loss_scale = self.accelerator.num_processes // self.get_tp_size()
             loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
         return loss
+
+    def _sequence_parallel_loss(self, model, inputs):
+        """Under sequence parallelism (issue 12): this shard's loss over its shifted labels (chunked as above when
+        train.chunked_loss is on), token-weighted over the SP group by `sp.token_weighted_mean`, where transformers'
+        own SP loss would build all of the shard's logits and give P times the gradients."""
+        inputs = dict(inputs)
+        shift_labels = inputs.pop("shift_labels")
+        inputs.pop("labels", None)
+        head = self._output_head(model) if self.chunked_loss else None
+        if head is not None:
+            with loss_lib.lm_head_passthrough(head) as seen:
+                outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            if seen.get("hidden") is not None and logits is seen["hidden"]:
+                total = loss_lib.causal_lm_loss(seen["hidden"], head.weight, bias=head.bias, shift_labels=shift_labels,
+                                                num_items_in_batch=1, chunk_size=self.loss_chunk_size,
+                                                compute_dtype=seen["dtype"])  # the sum over the shard's tokens
+                return sp.token_weighted_mean(total, (shift_labels != -100).sum())
+            self._plain_loss_instead("this model changes its logits after the lm_head (or does not call it)")
+        logits = model(**inputs)["logits"]
+        total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten().to(logits.device),
+                                                  ignore_index=-100, reduction="sum")
+        return sp.token_weighted_mean(total, (shift_labels != -100).sum())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

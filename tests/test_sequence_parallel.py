@@ -169,3 +169,41 @@ def test_train_exits_2_without_enough_processes(micro, corpus, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "train.sequence_parallel_size: 2 must divide the number of processes, 1" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real thing: torchrun, 2 processes, P = 2, gloo on the CPU, Trainer + DeepSpeed ZeRO-2, against one process
+
+@pytest.mark.slow  # torchrun with two processes plus a 1-process run: about 50 s per attention type on 2 CPU cores
+@pytest.mark.parametrize("attention", ["s2", "full"])
+def test_two_processes_at_p2_give_the_one_process_losses(micro, corpus, tmp_path, attention):
+    """The first steps' losses and grad norms of `torchrun --nproc_per_node 2` with train.sequence_parallel_size=2
+    (float32) equal the 1-process run's within 1e-5: the S² head offset, position_ids, the SP loss (whose gradient
+    must not be P times too large: the grad norm shows it) and the data order all have to be right."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_train import run, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "one", max_steps=3, save_steps=3)
+    common = [f"attention.type={attention}"]
+    run(cfg, *common)
+    sp_run = tmp_path / "sp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), str(cfg), *common, f"train.output_dir={sp_run}",
+                           "train.sequence_parallel_size=2", "train.deepspeed=configs/deepspeed/zero2.json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global batch 2 x 2 x 1 = 4 sequences of 128 tokens (sequence parallel: 2 processes per sequence)" \
+        in proc.stderr
+
+    def history(run_dir):
+        state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
+        return [(e["step"], e["loss"], e["grad_norm"]) for e in state["log_history"] if "loss" in e]
+
+    one, two = history(tmp_path / "one"), history(sp_run)
+    assert [s for s, _, _ in one] == [s for s, _, _ in two] == [1, 2, 3]
+    for (_, loss1, norm1), (_, loss2, norm2) in zip(one, two):
+        assert abs(loss1 - loss2) <= 1e-5 and abs(norm1 - norm2) <= 1e-5 * max(1.0, norm1), (one, two)
