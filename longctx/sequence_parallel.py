@@ -147,7 +147,7 @@ def enabled(accelerator) -> bool:
     return pc is not None and pc.sp_backend == "deepspeed" and pc.sp_size > 1
 
 
-def token_weighted_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def token_weighted_mean(total: torch.Tensor, count: torch.Tensor, group=None) -> torch.Tensor:
     """The loss of the whole sequence from each SP rank's loss sum over its shard (`total`) and its number of scored
     tokens (`count`): sum of totals / sum of counts over the SP group, the same value on every rank.
 
@@ -156,10 +156,12 @@ def token_weighted_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tenso
     deepspeed_sp_compute_loss all-gathers the losses differentiably instead, and that all-gather's backward sums
     the P ranks' copies: P times the gradient (the logged grad_norm doubled at P = 2; Adam hides most of it, but
     not gradient clipping)."""
-    from deepspeed.utils import groups  # the SP group DeepSpeed built (accelerate and transformers look it up so)
+    if group is None:
+        from deepspeed.utils import groups  # the SP group DeepSpeed built (accelerate and transformers look it up so)
 
+        group = groups._get_sequence_parallel_group()
     sums = torch.stack([total.detach().float(), count.to(total.device).float()])
-    torch.distributed.all_reduce(sums, group=groups._get_sequence_parallel_group())
+    torch.distributed.all_reduce(sums, group=group)
     n = sums[1].clamp(min=1)
     local = total / n
     return local + (sums[0] / n - local).detach()

@@ -207,3 +207,63 @@ def test_two_processes_at_p2_give_the_one_process_losses(micro, corpus, tmp_path
     assert [s for s, _, _ in one] == [s for s, _, _ in two] == [1, 2, 3]
     for (_, loss1, norm1), (_, loss2, norm2) in zip(one, two):
         assert abs(loss1 - loss2) <= 1e-5 and abs(norm1 - norm2) <= 1e-5 * max(1.0, norm1), (one, two)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SP loss: each rank's chunked loss over its shard, token-weighted over the group, against the plain loss
+
+def _sp_loss_worker(rank, world, port, path):
+    import os
+
+    import torch.nn.functional as F
+
+    from longctx import loss as loss_lib
+    from longctx.sequence_parallel import token_weighted_mean
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    B, T, Hd, V = 2, 12, 8, 31
+    hidden = torch.randn(B, T, Hd, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, Hd, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :7] = -100  # prompt tokens: rank 0's shard of row 0 scores one token, rank 1's all of its own
+    shift = loss_lib.shift_causal_labels(labels)  # what UlyssesSPDataLoaderAdapter hands out as shift_labels
+    n = T // world
+    h = hidden[:, rank * n:(rank + 1) * n].clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    local_labels = shift[:, rank * n:(rank + 1) * n]
+    total = loss_lib.causal_lm_loss(h, w, shift_labels=local_labels, num_items_in_batch=1, chunk_size=5)
+    loss = token_weighted_mean(total, (local_labels != -100).sum(), group=torch.distributed.group.WORLD)
+    loss.backward()
+    grads = [torch.zeros_like(hidden[:, :n]) for _ in range(world)]
+    torch.distributed.all_gather(grads, h.grad)
+    torch.distributed.all_reduce(w.grad)  # DeepSpeed sums the SP ranks' gradients
+    if rank == 0:
+        ref_h, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        ref = F.cross_entropy((ref_h @ ref_w.T).flatten(0, 1), shift.flatten(), ignore_index=-100)
+        ref.backward()
+        torch.save({"loss": loss.detach(), "ref": ref.detach(), "h": torch.cat(grads, 1), "ref_h": ref_h.grad,
+                    "w": w.grad, "ref_w": ref_w.grad}, path)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # three spawned processes, each importing transformers: about 35 s on 2 CPU cores
+def test_sp_loss_equals_the_plain_loss_with_its_gradients(tmp_path, world=3):
+    """Three gloo processes, shards of 4 tokens: the value on every rank is the whole sequence's mean
+    loss, and the gradients summed over the ranks (as DeepSpeed sums them) are the plain loss's, also with a shard
+    whose tokens are mostly ignored."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "out.pt"
+    mp.spawn(_sp_loss_worker, args=(world, port, str(path)), nprocs=world)
+    out = torch.load(path)
+    # the chunked loss sums in float32 (loss.py), as transformers upcasts the logits
+    torch.testing.assert_close(out["loss"].double(), out["ref"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["h"], out["ref_h"], rtol=0, atol=1e-6, check_dtype=False)
+    torch.testing.assert_close(out["w"], out["ref_w"], rtol=0, atol=1e-6, check_dtype=False)
