@@ -267,3 +267,35 @@ def test_sp_loss_equals_the_plain_loss_with_its_gradients(tmp_path, world=3):
     torch.testing.assert_close(out["loss"].double(), out["ref"], rtol=0, atol=1e-6)
     torch.testing.assert_close(out["h"], out["ref_h"], rtol=0, atol=1e-6, check_dtype=False)
     torch.testing.assert_close(out["w"], out["ref_w"], rtol=0, atol=1e-6, check_dtype=False)
+
+
+@pytest.mark.parametrize("attention", ["s2", "full"])
+def test_remove_after_sequence_parallel_setup_restores_the_model(attention):
+    """DeepSpeed installs its wrapper over the attention name process-wide with no undo and sets
+    num_key_value_groups on the modules (kv replication); `prepare` puts both on the handle, so `remove()` leaves
+    a model that computes exactly what it computed before, and a later S² model in the process is unwrapped."""
+    import longctx
+    from longctx import attention as s2
+    from longctx.methods.rotary import attention_modules
+    from longctx.sequence_parallel import prepare
+    from reference import tiny_model
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny_model(heads=4, kv_heads=1)
+    groups = [m.num_key_value_groups for m in attention_modules(model)]  # 4; eager attention repeats kv by it
+    ids = torch.randint(0, 97, (2, 32))
+    model.train()
+    before = model(input_ids=ids, use_cache=False).logits
+    handle = longctx.apply(model, rope={"rope_type": "linear", "factor": 2.0}, attention={"type": attention})
+    prepare(handle, P=2, rank=1)
+    assert all(m.s2_settings.sp_rank == 1 and m.s2_settings.sp_size == 2 for m in attention_modules(model))
+    assert model.config._attn_implementation == s2.NAME
+    # what UlyssesSPAttentionHF.register_with_transformers and its forward do (ulysses_sp.py l.566, l.317)
+    ALL_ATTENTION_FUNCTIONS[s2.NAME] = lambda *a, **kw: (_ for _ in ()).throw(AssertionError("wrapped"))
+    for m in attention_modules(model):
+        m.num_key_value_groups = 2
+    handle.remove()
+    assert ALL_ATTENTION_FUNCTIONS[s2.NAME] is s2.s2_attention_forward
+    assert all(not hasattr(m, "s2_settings") for m in attention_modules(model))
+    assert [m.num_key_value_groups for m in attention_modules(model)] == groups
+    torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, before, rtol=0, atol=0)
