@@ -299,3 +299,54 @@ def test_remove_after_sequence_parallel_setup_restores_the_model(attention):
     assert all(not hasattr(m, "s2_settings") for m in attention_modules(model))
     assert [m.num_key_value_groups for m in attention_modules(model)] == groups
     torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, before, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The planner under SP
+
+def test_plan_holds_n_over_p_tokens_per_process_and_partitions_over_the_world():
+    """Under SP every activation term is that of N/P tokens (a process holds N/P tokens of every layer's input
+    and, after the all-to-all, N tokens of H/P heads), while weights, gradients and optimizer state are those of
+    the same world size without SP."""
+    from transformers import LlamaConfig
+
+    from longctx import plan
+
+    llama3 = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256)
+    kw = dict(dtype="bfloat16", zero_stage=3, world_size=8)
+    sp = plan.estimate(llama3, seq_len=131072, sequence_parallel=8, **kw)
+    short = plan.estimate(llama3, seq_len=131072 // 8, **kw)
+    assert sp.parts == short.parts
+    whole = plan.estimate(llama3, seq_len=131072, **kw)
+    for part in (plan.WEIGHTS, plan.GRADIENTS, plan.OPTIMIZER):
+        assert sp.parts[part] == whole.parts[part]
+    assert sp.parts[plan.CHECKPOINTS] * 8 == whole.parts[plan.CHECKPOINTS]
+    with pytest.raises(ValueError, match="sequence_parallel must divide world_size=8"):
+        plan.estimate(llama3, seq_len=131072, sequence_parallel=3, **kw)
+
+
+def test_plan_sequence_parallel_auto_picks_the_smallest_p_that_fits(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from longctx.cli import main
+
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path)
+    base = ["plan", str(ROOT / "configs/llama3-8b-sp-128k.yaml"), f"model.name_or_path={tmp_path}", "--world-size",
+            "8", "--device", "cuda", "--budget-gb", "80"]
+    assert main(base + ["--sequence-parallel", "auto"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("P=")]
+    assert [r[0] for r in rows] == ["P=1", "P=2", "P=4", "P=8"]  # 32 heads, 8 kv heads, 8 processes
+    fits = [r[0] for r in rows if "(does" not in " ".join(r)]
+    chosen = fits[0][2:]
+    assert f"chosen: train.sequence_parallel_size={chosen} (data-parallel size {8 // int(chosen)})" in out
+    # each row's peak is the plan of that P on its own, and the chosen one's breakdown follows
+    for r in rows:
+        assert main(base + ["--sequence-parallel", r[0][2:]]) == 0
+        peak = next(line for line in capsys.readouterr().out.splitlines() if "peak (predicted)" in line)
+        assert float(peak.split()[-1]) == pytest.approx(float(r[-2] if "(does" not in " ".join(r) else r[-5]),
+                                                        abs=1e-3)
+    assert main(base + ["--sequence-parallel", "3"]) == 2  # does not divide 8
+    assert "--sequence-parallel: 3 must divide --world-size 8" in capsys.readouterr().err
