@@ -147,7 +147,20 @@ def enabled(accelerator) -> bool:
     return pc is not None and pc.sp_backend == "deepspeed" and pc.sp_size > 1
 
 
-def token_weighted_mean(total: torch.Tensor, count: torch.Tensor, group=None) -> torch.Tensor:
+def zero_gradient_scale(ds_config: dict, P: int) -> float:
+    """What the SP loss's gradient must be multiplied by for DeepSpeed to end with the true gradient.
+
+    DeepSpeed 0.19.8 reduces SP gradients two ways: ZeRO-1/2 (zero/stage_1_and_2.py) and ZeRO-3's contiguous
+    path divide the sum over all ranks by world / P, so the SP ranks' gradients add up; ZeRO-3's reduce-scatter
+    path (stage3.py `__avg_scatter_grads` -> `reduce_scatter_coalesced`, the default: reduce_scatter true) divides
+    by the whole world, which leaves 1/P of the gradient (measured: the grad norm of a zero3.json run at P = 2 was
+    half the 1-process one). Each rank backpropagates its own tokens once, so the second case needs P."""
+    zero = ds_config.get("zero_optimization", {})
+    return float(P) if zero.get("stage", 0) == 3 and zero.get("reduce_scatter", True) else 1.0
+
+
+def token_weighted_mean(total: torch.Tensor, count: torch.Tensor, group=None, grad_scale: float = 1.0
+                        ) -> torch.Tensor:
     """The loss of the whole sequence from each SP rank's loss sum over its shard (`total`) and its number of scored
     tokens (`count`): sum of totals / sum of counts over the SP group, the same value on every rank.
 
@@ -155,7 +168,7 @@ def token_weighted_mean(total: torch.Tensor, count: torch.Tensor, group=None) ->
     dp_world / P, zero/stage_1_and_2.py), so each rank must backpropagate its own tokens once. transformers'
     deepspeed_sp_compute_loss all-gathers the losses differentiably instead, and that all-gather's backward sums
     the P ranks' copies: P times the gradient (the logged grad_norm doubled at P = 2; Adam hides most of it, but
-    not gradient clipping)."""
+    not gradient clipping). `grad_scale` multiplies the gradient only (zero_gradient_scale)."""
     if group is None:
         from deepspeed.utils import groups  # the SP group DeepSpeed built (accelerate and transformers look it up so)
 
@@ -163,7 +176,7 @@ def token_weighted_mean(total: torch.Tensor, count: torch.Tensor, group=None) ->
     sums = torch.stack([total.detach().float(), count.to(total.device).float()])
     torch.distributed.all_reduce(sums, group=group)
     n = sums[1].clamp(min=1)
-    local = total / n
+    local = total * (grad_scale / n)
     return local + (sums[0] / n - local).detach()
 
 

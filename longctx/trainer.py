@@ -413,6 +413,8 @@ class LongctxTrainer(Trainer):
         inputs = dict(inputs)
         shift_labels = inputs.pop("shift_labels")
         inputs.pop("labels", None)
+        scale = sp.zero_gradient_scale(getattr(self.accelerator, "deepspeed_config", None) or {},
+                                       self.accelerator.parallelism_config.sp_size)
         head = self._output_head(model) if self.chunked_loss else None
         if head is not None:
             with loss_lib.lm_head_passthrough(head) as seen:
@@ -422,12 +424,12 @@ class LongctxTrainer(Trainer):
                 total = loss_lib.causal_lm_loss(seen["hidden"], head.weight, bias=head.bias, shift_labels=shift_labels,
                                                 num_items_in_batch=1, chunk_size=self.loss_chunk_size,
                                                 compute_dtype=seen["dtype"])  # the sum over the shard's tokens
-                return sp.token_weighted_mean(total, (shift_labels != -100).sum())
+                return sp.token_weighted_mean(total, (shift_labels != -100).sum(), grad_scale=scale)
             self._plain_loss_instead("this model changes its logits after the lm_head (or does not call it)")
         logits = model(**inputs)["logits"]
         total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten().to(logits.device),
                                                   ignore_index=-100, reduction="sum")
-        return sp.token_weighted_mean(total, (shift_labels != -100).sum())
+        return sp.token_weighted_mean(total, (shift_labels != -100).sum(), grad_scale=scale)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
