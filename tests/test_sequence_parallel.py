@@ -171,15 +171,30 @@ def test_train_exits_2_without_enough_processes(micro, corpus, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _short_documents(corpus: Path, dest: Path) -> Path:
+    """The corpus cut into documents of 3 to 40 lines, one file each: rows of 128 tokens hold several."""
+    dest.mkdir()
+    lines = [line for f in sorted(corpus.iterdir()) for line in f.read_text().splitlines() if line.strip()][:3000]
+    i = k = 0
+    while i < len(lines):
+        n = 3 + (k * 7) % 38
+        (dest / f"doc{k:04d}.txt").write_text("\n".join(lines[i:i + n]) + "\n")
+        i, k = i + n, k + 1
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The real thing: torchrun, 2 processes, P = 2, gloo on the CPU, Trainer + DeepSpeed ZeRO-2, against one process
 
-@pytest.mark.slow  # torchrun with two processes plus a 1-process run: about 45 s per case on 2 CPU cores
+@pytest.mark.slow  # torchrun with two processes plus a 1-process run: 40-60 s per case on 2 CPU cores
 @pytest.mark.parametrize("attention,zero,extra", [
     ("s2", "zero2", []), ("full", "zero2", []),
     ("s2", "zero3", []),  # ZeRO-3 averages SP gradients differently (sequence_parallel.zero_gradient_scale)
     ("s2", "zero2", ["lora.enabled=false"]),  # full fine-tuning
-])
+    # document-aware packing of short documents: position_ids restart inside rows (S² and, under SP, full
+    # attention find the documents from the gathered position_ids; one process: transformers' packed mask)
+    ("s2", "zero2", ["data.document_aware=true"]), ("full", "zero2", ["data.document_aware=true"]),
+], ids=["s2", "full", "s2-zero3", "s2-full-finetuning", "s2-packed", "full-packed"])
 def test_two_processes_at_p2_give_the_one_process_losses(micro, corpus, tmp_path, attention, zero, extra):
     """The first steps' losses and grad norms of `torchrun --nproc_per_node 2` with train.sequence_parallel_size=2
     (float32) equal the 1-process run's within 1e-5: the S² head offset, position_ids, the SP loss (whose gradient
@@ -191,6 +206,8 @@ def test_two_processes_at_p2_give_the_one_process_losses(micro, corpus, tmp_path
 
     from test_train import run, write_config
 
+    if "data.document_aware=true" in extra:
+        corpus = _short_documents(corpus, tmp_path / "short")
     cfg = write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "one", max_steps=3, save_steps=3)
     common = [f"attention.type={attention}", *extra]
     run(cfg, *common)
