@@ -37,6 +37,11 @@ def config_problems(cfg) -> list[str]:
     if t.seq_len % P:
         out.append(f"train.sequence_parallel_size: {P} must divide train.seq_len={t.seq_len} (each process holds "
                    f"seq_len / P tokens); allowed: a divisor of {t.seq_len}, or a seq_len that is a multiple of {P}")
+    if t.gradient_accumulation_steps % P:
+        out.append(f"train.sequence_parallel_size: {P} must divide train.gradient_accumulation_steps="
+                   f"{t.gradient_accumulation_steps}: DeepSpeed's data adapter hands out the batches of an SP group's "
+                   f"{P} processes in turns of {P} micro-batches, and a checkpoint must end a turn to resume exactly; "
+                   f"allowed: gradient_accumulation_steps a multiple of {P}")
     if cfg.model.quantization:
         out.append(f"train.sequence_parallel_size: {P} with model.quantization {cfg.model.quantization} (QLoRA) is "
                    "not supported: DeepSpeed ZeRO does not partition 4-bit weights; use LoRA on a 16-bit base "
@@ -140,6 +145,20 @@ def prepare(handle, P: int, rank: int) -> None:
             del ALL_ATTENTION_FUNCTIONS[s2.NAME]
 
     handle._undo.append(unwrap)
+
+
+def skip_trained_batches(dataloader, global_step: int, grad_accum: int, P: int):
+    """Resume: the train dataloader of this rank without the batches the checkpoint's steps consumed.
+
+    Trainer's own skip (accelerate's `skip_first_batches`) fails on DeepSpeed's `UlyssesSPDataLoaderAdapter` (it has
+    no `.dataset`: AttributeError on every resume), so train() turns Trainer's skip off (`ignore_data_skip`) and
+    the batches are skipped here, under the adapter: each rank's batch becomes P micro-batches of the SP group, so
+    the micro-batches trained in this epoch are P times this rank's batches (config_problems: GA % P == 0)."""
+    from accelerate import skip_first_batches
+
+    per_epoch = -(-len(dataloader) * P // grad_accum)  # optimizer steps per epoch, as Trainer counts them under SP
+    micro = (global_step % per_epoch) * grad_accum
+    return skip_first_batches(dataloader, micro // P) if micro else dataloader
 
 
 def enabled(accelerator) -> bool:

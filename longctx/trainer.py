@@ -337,6 +337,14 @@ class LongctxTrainer(Trainer):
         self.chunked_loss = chunked_loss
         self.loss_chunk_size = loss_chunk_size
         self._chunked_verified = False
+        self.sp_resume_step = 0  # under sequence parallelism, the step of the checkpoint resumed from (train())
+
+    def get_train_dataloader(self):
+        dl = super().get_train_dataloader()
+        if self.sp_resume_step and sp.enabled(self.accelerator):
+            dl = sp.skip_trained_batches(dl, self.sp_resume_step, self.args.gradient_accumulation_steps,
+                                         self.accelerator.parallelism_config.sp_size)
+        return dl
 
     def _plain_loss_instead(self, reason: str) -> None:
         self.chunked_loss = False
@@ -564,6 +572,9 @@ def train(cfg: Config) -> Path:
             trainer.add_callback(evaluate.training_callback(
                 lambda: evaluate.run_eval_tokens(cfg, tokenizer), e.lengths, trainer.log, every=e.every,
                 stride=e.stride, max_tokens=e.max_tokens))
+        if checkpoint is not None and P > 1:  # Trainer cannot skip batches under DeepSpeed's SP adapter (issue 12)
+            trainer.args.ignore_data_skip = True
+            trainer.sp_resume_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except AtMaxSteps as e:

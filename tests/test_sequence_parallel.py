@@ -115,6 +115,7 @@ BASE = {"model": {"name_or_path": "data/tiny-base"}, "train": {"seq_len": 1024, 
     (["train.deepspeed=null"], "train.sequence_parallel_size: 2 needs DeepSpeed"),
     (["train.seq_len=1025", "attention.type=full"], "train.sequence_parallel_size: 2 must divide train.seq_len=1025"),
     (["model.quantization=4bit", "lora.enabled=true"], "(QLoRA) is not supported"),
+    (["train.gradient_accumulation_steps=3"], "2 must divide train.gradient_accumulation_steps=3"),
     (["train.sequence_parallel_size=0"], "train.sequence_parallel_size: must be >= 1, got 0"),
 ])
 def test_bad_sequence_parallel_configs_are_refused(overrides, message, monkeypatch):
@@ -371,3 +372,54 @@ def test_plan_sequence_parallel_auto_picks_the_smallest_p_that_fits(tmp_path, ca
                                                         abs=1e-3)
     assert main(base + ["--sequence-parallel", "3"]) == 2  # does not divide 8
     assert "--sequence-parallel: 3 must divide --world-size 8" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a 1-process run and two torchrun launches (one killed): about 1.5 min on 2 CPU cores
+def test_kill9_then_resume_under_sp_gives_uninterrupted_losses(micro, corpus, tmp_path):
+    """torchrun P = 2 killed with SIGKILL (the whole process group) once checkpoint-2 exists, then rerun: it resumes
+    from the newest complete checkpoint (Trainer's own batch skip fails on DeepSpeed's SP adapter;
+    sequence_parallel.skip_trained_batches) and all 20 steps equal an uninterrupted 1-process run's. 20 steps: a
+    step takes a fraction of a second here, and the kill must land before the end."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train import run, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", micro, corpus, tmp_path / "one", max_steps=20, save_steps=2)
+    run(cfg)
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py"), str(cfg),
+           f"train.output_dir={cut}", "train.sequence_parallel_size=2", "train.deepspeed=configs/deepspeed/zero2.json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (cut / "checkpoint-2" / "longctx_complete.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "run ended before checkpoint-2"
+            time.sleep(0.05)
+    finally:
+        import psutil
+
+        # torchrun and both ranks (they run in sessions of their own), no chance to clean up
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
+    assert not (cut / "final").exists()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+
+    def history(run_dir):
+        state = json.loads((run_dir / "checkpoint-20" / "trainer_state.json").read_text())
+        return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+    one, resumed = history(tmp_path / "one"), history(cut)
+    assert sorted(resumed) == list(range(1, 21)) and all(abs(resumed[k] - one[k]) <= 1e-5 for k in one), (one, resumed)
