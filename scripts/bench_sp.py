@@ -82,7 +82,7 @@ def run_config(args, n: int) -> dict:
         "attention": {"type": args.attention, "group_size_ratio": args.ratio},
         "data": {"train": args.data, "num_proc": 1},
         "train": {"output_dir": "", "seq_len": n, "max_steps": steps, "save_steps": steps, "logging_steps": 1,
-                  "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0,
+                  "per_device_train_batch_size": 1, "gradient_accumulation_steps": args.grad_accum, "warmup_steps": 0,
                   "gradient_checkpointing": True, "deepspeed": str(ROOT / args.deepspeed), "resume": "off",
                   "bf16": args.dtype == "bfloat16"},
     }
@@ -104,7 +104,9 @@ def measure(args, p: int, n: int) -> dict:
         row = {"P": p, "N": n, "tokens_per_process": n // p, "fits": proc.returncode == 0,
                "wall_s": round(time.perf_counter() - t0, 1)}
         if proc.returncode != 0:
-            row["why"] = proc.stderr.strip().splitlines()[-1][-300:] if proc.stderr.strip() else f"exit {proc.returncode}"
+            lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("=")]
+            row["why"] = next((line for line in lines if "train." in line or "Error" in line), lines[-1] if lines
+                              else f"exit {proc.returncode}")[-300:]
             return row
         peaks = [json.loads(f.read_text())["peak_bytes"] for f in sorted(Path(tmp).glob("rank*.json"))]
         row["peak_gib"] = round(max(peaks) / GIB, 3)
@@ -112,7 +114,9 @@ def measure(args, p: int, n: int) -> dict:
         tps = {e["step"]: e["tokens_per_s"] for e in state["log_history"] if "tokens_per_s" in e}
         last = max(tps)
         # Throughput logs the mean rate since training began: the steps after the first, from two of those means.
-        row["tokens_per_s"] = round((last - 1) * n / (last * n / tps[last] - n / tps[1]), 1) if last > 1 else tps[1]
+        step = n * args.grad_accum  # tokens per optimizer step (one sequence per micro-batch, data-parallel size 1)
+        row["tokens_per_s"] = round((last - 1) * step / (last * step / tps[last] - step / tps[1]), 1) \
+            if last > 1 else tps[1]
         return row
 
 
@@ -214,6 +218,7 @@ def main() -> None:
         args.n = args.start = args.max_len = 128
         args.steps, args.limit_gib = 2, args.limit_gib or 8.0
         args.out = args.out or Path(tmp.name) / "sp.md"
+    args.grad_accum = max(args.sizes)  # the same for every P; SP needs a multiple of P (resume, config_problems)
     args.multiple = max(args.sizes) * 8  # N stays divisible by every P and by S²'s group (ratio 1/4 -> even)
     cache: dict = {}
     same_n = []
