@@ -4,7 +4,7 @@ arXiv 2506.13996), wired the way transformers 5 and accelerate wire it.
 `train.sequence_parallel_size: P` passes `ParallelismConfig(sp_size=P, sp_backend="deepspeed")` to TrainingArguments.
 accelerate then registers DeepSpeed's `UlyssesSPAttentionHF` over the model's attention, builds the SP groups
 (consecutive ranks: SP rank = rank % P), wraps the train dataloader in `UlyssesSPDataLoaderAdapter` (each rank gets
-T/P tokens of every batch, labels pre-shifted as `shift_labels`), and Trainer takes its SP loss path. Before
+T/P tokens of every batch, labels pre-shifted as `shift_labels`); LongctxTrainer computes the loss. Before
 attention one all-to-all swaps the sequence shard for a head shard: rank r then holds query heads
 [r*H/P, (r+1)*H/P) of the whole sequence. No all-to-all here: only what the engine does not do for us.
 
@@ -16,6 +16,8 @@ attention one all-to-all swaps the sequence shard for a head shard: rank r then 
   name is longctx's own, so the process's "sdpa" is never wrapped. Undo steps go on the handle: DeepSpeed installs
   its wrapper process-wide with no undo and sets `num_key_value_groups` on the modules; `remove()` takes both back.
 - `PositionIds`: the wrapper asserts position_ids in every batch (TRL #6812 failed on exactly that).
+- `token_weighted_mean`, `zero_gradient_scale`: the SP loss (transformers' own gives P times the gradients).
+- `skip_trained_batches`: resume (Trainer's own skip fails on the adapter).
 """
 
 from __future__ import annotations
