@@ -39,6 +39,19 @@ class S2Settings:
     group_size_ratio: float = 0.25  # LongLoRA: G = N / 4
     group_size: int | None = None  # absolute G; overrides the ratio
     shift: bool = True  # shift half the heads by G/2 (False only for ablations)
+    # Sequence parallelism (issue 12): after DeepSpeed Ulysses' all-to-all this process holds query heads
+    # [sp_rank*H/P, (sp_rank+1)*H/P) of the whole sequence, and nothing passes that offset to the attention
+    # function, so longctx.sequence_parallel stores it here when it sets the run up.
+    sp_rank: int = 0
+    sp_size: int = 1
+
+    def shifted_from(self, local_heads: int) -> int:
+        """The first of this process's `local_heads` query heads that is shifted: the rule shifts the *global*
+        heads >= H//2, so under SP a rank holds none, all, or (odd P, e.g. H=6, P=3) a split of them
+        (docs/design.md §7: splitting the local heads in half was silently wrong)."""
+        if not self.shift:
+            return local_heads
+        return min(max(local_heads * self.sp_size // 2 - self.sp_rank * local_heads, 0), local_heads)
 
     def group_size_for(self, n: int) -> int:
         g = self.group_size if self.group_size is not None else int(n * self.group_size_ratio)
@@ -145,14 +158,15 @@ def s2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         raise ValueError(f"S2 attention trains without a KV cache (use_cache=False): {T} queries, "
                          f"{key.shape[2]} keys")
     group = settings.group_size_for(T)
+    split = settings.shifted_from(H)
     plan = _plan(attention_mask, kwargs, B, T, group, settings.shift, query.device)
     kernel = varlen_kernel(query) if plan is not None else None
     if plan is None:
-        out = _uniform(query, key, value, group, settings.shift, scaling, dropout, window)
+        out = _uniform(query, key, value, group, split, scaling, dropout, window)
     elif kernel is not None:
-        out = _flash(query, key, value, plan, scaling, dropout, kernel, window)
+        out = _flash(query, key, value, plan, split, scaling, dropout, kernel, window)
     else:
-        out = _segments(query, key, value, plan, scaling, dropout, window)
+        out = _segments(query, key, value, plan, split, scaling, dropout, window)
     return out, None
 
 
@@ -161,7 +175,7 @@ class _Plan:
     """Where the segments of each head half lie, computed once per forward and shared by every layer."""
 
     real_idx: torch.Tensor  # [N_real] flat indices of real tokens into B*T
-    halves: list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]]  # per head half: (seg, slot, width, cu)
+    halves: list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]]  # [unshifted, shifted]: (seg, slot, width, cu)
     shape: tuple[int, int]
 
 
@@ -194,14 +208,14 @@ def _plan(mask: S2Mask | None, kwargs: dict, B: int, T: int, group: int, shift: 
     return plan
 
 
-def _head_halves(H: int, H_kv: int, shift: bool):
-    """[(q head slice, kv head slice or None to expand)] for the unshifted and shifted halves."""
-    if not shift:
-        return [(slice(0, H), slice(0, H_kv))]
-    half, rep = H // 2, H // H_kv
-    if half % rep == 0:
-        return [(slice(0, half), slice(0, half // rep)), (slice(half, H), slice(half // rep, H_kv))]
-    return [(slice(0, half), None), (slice(half, H), None)]
+def _head_halves(H: int, H_kv: int, split: int):
+    """[(q head slice, kv head slice or None to expand, shifted)] for the unshifted heads [0, split) and the
+    shifted heads [split, H), leaving out an empty one (under sequence parallelism a rank may hold only one kind)."""
+    rep = H // H_kv
+    kv_split = split // rep if split % rep == 0 else None
+    halves = [(slice(0, split), None if kv_split is None else slice(0, kv_split), False),
+              (slice(split, H), None if kv_split is None else slice(kv_split, H_kv), True)]
+    return [h for h in halves if h[0].stop > h[0].start]
 
 
 def _expand_kv(k: torch.Tensor, H: int, heads: slice) -> torch.Tensor:
@@ -235,25 +249,25 @@ def _blocks(q, k, v, group, scale, dropout, window=None):
     return o.transpose(1, 2).reshape(B, L, h, D)
 
 
-def _split_halves(q, k, v, shift: bool):
-    """[(q, k, v)] per head half along dim 1. One `split` per tensor, so the backward is one concatenation
+def _split_halves(q, k, v, split: int):
+    """[(q, k, v, shifted)] per head half along dim 1. One `split` per tensor, so the backward is one concatenation
     (slicing each half separately costs a full-size zero gradient per slice: it dominated the CPU profile)."""
     H, H_kv = q.shape[1], k.shape[1]
-    halves = _head_halves(H, H_kv, shift)
-    qs = q.split([s.stop - s.start for s, _ in halves], dim=1)
-    if all(kv is not None for _, kv in halves):
-        ks, vs = (x.split([kv.stop - kv.start for _, kv in halves], dim=1) for x in (k, v))
+    halves = _head_halves(H, H_kv, split)
+    qs = q.split([s.stop - s.start for s, _, _ in halves], dim=1)
+    if all(kv is not None for _, kv, _ in halves):
+        ks, vs = (x.split([kv.stop - kv.start for _, kv, _ in halves], dim=1) for x in (k, v))
     else:
-        ks, vs = ([_expand_kv(x, H, s) for s, _ in halves] for x in (k, v))
-    return list(zip(qs, ks, vs))
+        ks, vs = ([_expand_kv(x, H, s) for s, _, _ in halves] for x in (k, v))
+    return [(qh, kh, vh, shifted) for qh, kh, vh, (_, _, shifted) in zip(qs, ks, vs, halves)]
 
 
-def _uniform(q, k, v, group, shift, scale, dropout, window=None):
+def _uniform(q, k, v, group, split, scale, dropout, window=None):
     """No padding, one document per row, T % G == 0: blocks are reshapes of the sequence axis."""
     B, H, T, D = q.shape
     outs = []
-    for i, (qh, kh, vh) in enumerate(_split_halves(q, k, v, shift)):
-        if i == 0:
+    for qh, kh, vh, shifted in _split_halves(q, k, v, split):
+        if not shifted:
             outs.append(_blocks(qh, kh, vh, group, scale, dropout, window))
             continue
         # Shifted half: [0, G/2), whole groups over [G/2, T - G/2), then [T - G/2, T); the two half groups run
@@ -267,7 +281,7 @@ def _uniform(q, k, v, group, shift, scale, dropout, window=None):
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
-def _segments(q, k, v, plan: _Plan, scale, dropout, window=None):
+def _segments(q, k, v, plan: _Plan, split, scale, dropout, window=None):
     """General CPU path: gather each segment into a row of width <= G, SDPA is_causal, scatter back.
 
     Segments start at row slot 0 and their padding comes after the real tokens, so causal masking alone keeps
@@ -277,9 +291,8 @@ def _segments(q, k, v, plan: _Plan, scale, dropout, window=None):
     idx = plan.real_idx
     flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], D)[idx] for x in (q, k, v)]  # [N_real, h, D]
     out = q.new_zeros(B * T, H, D)
-    shift = len(plan.halves) > 1
-    for (heads, _), (qh, kh, vh), (seg, slot, width, _) in zip(_head_halves(H, k.shape[1], shift),
-                                                              _split_halves(*flat, shift), plan.halves):
+    for (heads, _, _), (qh, kh, vh, shifted) in zip(_head_halves(H, k.shape[1], split), _split_halves(*flat, split)):
+        seg, slot, width, _ = plan.halves[shifted]
         S = int(seg[-1]) + 1 if seg.numel() else 0
 
         def gather(x):  # [N_real, h, D] -> [S, h, width, D]
@@ -308,16 +321,15 @@ def varlen_kernel(query: torch.Tensor):
     return flash_attn_varlen_func
 
 
-def _flash(q, k, v, plan: _Plan, scale, dropout, flash_attn_varlen_func, window=None):
+def _flash(q, k, v, plan: _Plan, split, scale, dropout, flash_attn_varlen_func, window=None):
     """GPU path: flash-attn varlen over the same segments (per-document cu_seqlens, so no batch-wide boundary
     arithmetic: LongLoRA issues #148, #199, #182)."""
     B, H, T, D = q.shape
     idx = plan.real_idx
     flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], D)[idx] for x in (q, k, v)]
     out = q.new_zeros(B * T, H, D)
-    shift = len(plan.halves) > 1
-    for (heads, _), (qh, kh, vh), (_, _, width, cu) in zip(_head_halves(H, k.shape[1], shift),
-                                                          _split_halves(*flat, shift), plan.halves):
+    for (heads, _, _), (qh, kh, vh, shifted) in zip(_head_halves(H, k.shape[1], split), _split_halves(*flat, split)):
+        _, _, width, cu = plan.halves[shifted]
         o = flash_attn_varlen_func(qh.contiguous(), kh.contiguous(), vh.contiguous(), cu, cu,
                                    width, width, dropout_p=dropout, softmax_scale=scale, causal=True,
                                    window_size=(-1, -1) if window is None else (window - 1, 0))

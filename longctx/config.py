@@ -121,6 +121,7 @@ class TrainConfig(_Section):
     save_total_limit: int | None = Field(None, description="Keep at most this many checkpoints.")
     seed: int = Field(42, description="Seed for model init, data order, the data mixture and dropout.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed ZeRO json.")
+    sequence_parallel_size: int = Field(1, description="P > 1: DeepSpeed Ulysses sequence parallelism, each sequence split over P processes (needs train.deepspeed; world size, seq_len and the model's heads divisible as longctx.sequence_parallel says).")
     resume: str | None = Field("auto", description="'auto' (newest complete checkpoint), a checkpoint path, or null/'off'.")
     report_to: list[str] = Field([], description="Loggers: wandb, tensorboard.")
     dataloader_num_workers: int = Field(0, description="DataLoader workers.")
@@ -224,6 +225,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.save_total_limit": (1, None, True, False),
     "train.seed": (0, 2**32 - 1, True, True),  # numpy's seeds
     "train.dataloader_num_workers": (0, None, True, False),
+    "train.sequence_parallel_size": (1, None, True, False),
     "eval.lengths": (2, MAX_LENGTH, True, True),
     "eval.every": (1, None, True, False),
     "eval.stride": (1, None, True, False),
@@ -286,6 +288,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
         out.append("train.bf16 and train.fp16: choose at most one")
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():
         out.append(f"train.deepspeed: file not found: {t.deepspeed}")
+    if t.sequence_parallel_size > 1 and "train.sequence_parallel_size" not in out_of_range:
+        from longctx.sequence_parallel import config_problems  # issue 12
+
+        out += config_problems(cfg)
     out += data_problems(cfg.data)
     if cfg.data.format == "sft" and cfg.eval.lengths and cfg.data.eval is None:
         out.append("eval.lengths: with data.format sft, set data.eval to a text source for perplexity (the "

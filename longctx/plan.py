@@ -410,16 +410,24 @@ def estimate(model_config, *, seq_len: int, batch_size: int = 1, lora: bool = Tr
              gradient_checkpointing: bool = True, attention: str = "s2", group_size: int | None = None,
              chunked_loss: bool = True, loss_chunk_size: int = 1024, zero_stage: int = 0, world_size: int = 1,
              offload: bool = False, reduce_bucket_size: int = DEEPSPEED_DEFAULT_BUCKET,
-             device: str = "cuda") -> Estimate:
+             device: str = "cuda", sequence_parallel: int = 1) -> Estimate:
     """Peak memory per device of one training step; see the module docstring for the model.
 
     zero_stage 0 means no DeepSpeed (torch AdamW, states in each parameter's dtype); 1-3 DeepSpeed ZeRO, which
     under mixed precision casts the model to 16 bits and keeps float32 master weights. `offload` moves the
     optimizer (and under ZeRO-3 the weights) to host RAM (`host_parts`). `group_size` (S2) does not change the
     memory, which is linear in N for any G; it is checked only. `reduce_bucket_size` (elements): ZeRO's gradient
-    bucket. Raises ValueError for settings the model does not have (a LoRA target, a trainable_params substring).
+    bucket. `sequence_parallel` P (DeepSpeed Ulysses, issue 12): a process holds N/P tokens of each sequence in
+    every layer, the loss included, and after the all-to-all the whole sequence for H/P heads, the same number of
+    attention bytes; ZeRO still partitions over all world_size processes (DeepSpeed's sequence-data-parallel
+    group). Not modelled under SP: the all-to-all buffers and the kv heads replicated when P > H_kv.
+    Raises ValueError for settings the model does not have (a LoRA target, a trainable_params substring).
     """
     _check(dtype, quantization, mixed_precision, attention, zero_stage, world_size, seq_len, group_size, device)
+    if sequence_parallel < 1 or world_size % sequence_parallel or seq_len % sequence_parallel:
+        raise ValueError(f"sequence_parallel must divide world_size={world_size} and seq_len={seq_len}, "
+                         f"got {sequence_parallel}")
+    tokens = batch_size * seq_len // sequence_parallel
     shape = Shape.of(model_config)
     b = _bytes(dtype, quantization, mixed_precision, zero_stage)
     params = parameter_counts(shape)
@@ -431,10 +439,9 @@ def estimate(model_config, *, seq_len: int, batch_size: int = 1, lora: bool = Tr
                                world_size=world_size, offload=offload, reduce_bucket_size=reduce_bucket_size)
     layer = _layer_bytes_per_token(shape, b, adapted, trained, lora_r)
     copies = _autocast_weight_copies(shape, b, quantization)
-    parts |= _activation_parts(shape, b, layer, copies, batch_size * seq_len, seq_len, attention,
-                               gradient_checkpointing)
+    parts |= _activation_parts(shape, b, layer, copies, tokens, seq_len, attention, gradient_checkpointing)
     # The chunked loss falls back to the plain one under ZeRO-3 (the head's weight is a partition: trainer.py).
-    parts[LOSS] = _loss_bytes(shape, b, batch_size * seq_len, chunked_loss and zero_stage != 3, loss_chunk_size)
+    parts[LOSS] = _loss_bytes(shape, b, tokens, chunked_loss and zero_stage != 3, loss_chunk_size)
     parts[RUNTIME] = CUDA_RUNTIME if device == "cuda" else CPU_RUNTIME
     layer_phase = (WORKING_SET, ATTENTION) if gradient_checkpointing else (WORKING_SET,)
     return Estimate(parts=parts, host_parts=host, phases=(layer_phase, (LOSS,)))
@@ -502,7 +509,8 @@ def plan_arguments(cfg: Config) -> dict:
         quantization=m.quantization, dtype=m.dtype, mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else None,
         gradient_checkpointing=t.gradient_checkpointing, attention="s2" if s2 else None,  # None: as load_model
         group_size=group_size(t.seq_len, a.group_size_ratio, a.group_size) if s2 else None,
-        chunked_loss=t.chunked_loss, loss_chunk_size=t.loss_chunk_size, deepspeed=t.deepspeed)
+        chunked_loss=t.chunked_loss, loss_chunk_size=t.loss_chunk_size, deepspeed=t.deepspeed,
+        sequence_parallel=t.sequence_parallel_size)
 
 
 def estimate_model(model_config, *, deepspeed: str | None = None, world_size: int = 1, device: str = "cuda",
@@ -515,6 +523,10 @@ def estimate_model(model_config, *, deepspeed: str | None = None, world_size: in
         raise ConfigError(f"model.name_or_path: {getattr(model_config, 'name_or_path', '') or 'the model'} has no "
                           f"Llama-style shape the planner knows ({e})") from None
     stage, offload, bucket = deepspeed_settings(deepspeed, shape.hidden)
+    P = settings.get("sequence_parallel", 1)
+    if world_size % P:
+        raise ConfigError(f"train.sequence_parallel_size: {P} must divide the number of processes, {world_size} "
+                          "(longctx plan --world-size)")
     try:
         if settings.get("attention") is None:  # full attention: the implementation load_model picks (Gemma-2 eager)
             settings["attention"] = families.of(model_config).attn_implementation
@@ -524,11 +536,44 @@ def estimate_model(model_config, *, deepspeed: str | None = None, world_size: in
         raise ConfigError(f"lora: {e}") from None
 
 
-def estimate_config(cfg: Config, world_size: int = 1, device: str = "cuda") -> Estimate:
-    """`estimate` for a validated longctx config: reads the model's config.json and the DeepSpeed json."""
+def estimate_config(cfg: Config, world_size: int = 1, device: str = "cuda", sequence_parallel: int | None = None
+                    ) -> Estimate:
+    """`estimate` for a validated longctx config: reads the model's config.json and the DeepSpeed json.
+    `sequence_parallel`: P instead of the config's train.sequence_parallel_size."""
     m = cfg.model
     model_config = read_model_config(m.name_or_path, m.gguf_file, m.trust_remote_code)
-    return estimate_model(model_config, world_size=world_size, device=device, **plan_arguments(cfg))
+    settings = plan_arguments(cfg) | ({} if sequence_parallel is None else {"sequence_parallel": sequence_parallel})
+    return estimate_model(model_config, world_size=world_size, device=device, **settings)
+
+
+def sequence_parallel_sizes(model_config, world_size: int, seq_len: int) -> list[int]:
+    """The P a run of `world_size` processes can use for this model and seq_len: 1 and what DeepSpeed Ulysses
+    accepts for the heads (longctx.sequence_parallel), dividing the world size and seq_len."""
+    from longctx.sequence_parallel import allowed_sizes, heads_of
+
+    return [1] + [p for p in allowed_sizes(*heads_of(model_config), upto=world_size)
+                  if world_size % p == 0 and seq_len % p == 0]
+
+
+def choose_sequence_parallel(cfg: Config, world_size: int, device: str, budget: int | None
+                             ) -> tuple[int, Estimate, list[str]]:
+    """`longctx plan --sequence-parallel auto`: the smallest P whose predicted peak fits `budget` (the largest
+    possible P when none does), its estimate, and one line per P tried. Smaller P is preferred: less all-to-all
+    traffic, more data parallelism."""
+    m = cfg.model
+    model_config = read_model_config(m.name_or_path, m.gguf_file, m.trust_remote_code)
+    lines, chosen = [], None
+    for p in sequence_parallel_sizes(model_config, world_size, cfg.train.seq_len):
+        e = estimate_model(model_config, world_size=world_size, device=device,
+                           **(plan_arguments(cfg) | {"sequence_parallel": p}))
+        fits = budget is None or e.total <= budget
+        lines.append(f"  P={p:<4} {cfg.train.seq_len // p:>9} tokens per process  peak {e.total / GiB:9.3f} GiB"
+                     f"{'' if fits else '  (does not fit)'}")
+        if chosen is None and fits:
+            chosen = (p, e)
+        last = (p, e)
+    p, e = chosen or last
+    return p, e, lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -591,8 +636,19 @@ def cmd_plan(args) -> int:
     from longctx.config import load_config
 
     cfg = load_config(args.config, overrides=args.overrides)
-    e = estimate_config(cfg, world_size=args.world_size, device=args.device)
     budget = int(args.budget_gb * GiB) if args.budget_gb is not None else device_budget(args.device)
+    sp = args.sequence_parallel
+    if sp == "auto":
+        p, e, lines = choose_sequence_parallel(cfg, args.world_size, args.device, budget)
+        print(f"sequence parallelism for {cfg.train.seq_len} tokens on {args.world_size} processes:")
+        print("\n".join(lines))
+        print(f"chosen: train.sequence_parallel_size={p} (data-parallel size {args.world_size // p})")
+    else:
+        if sp is not None and (args.world_size % int(sp) or cfg.train.seq_len % int(sp)):
+            raise ConfigError(f"--sequence-parallel: {sp} must divide --world-size {args.world_size} and "
+                              f"train.seq_len={cfg.train.seq_len}")
+        e = estimate_config(cfg, world_size=args.world_size, device=args.device,
+                            sequence_parallel=None if sp is None else int(sp))
     print(format_estimate(e, budget))
     return 3 if args.strict and warning(e, budget) else 0
 
@@ -614,4 +670,15 @@ def add_parser(sub) -> None:
     p.add_argument("--budget-gb", type=number(float, 0, low_in=False), default=None,
                    help="device memory in GiB (default: GPU 0's memory on cuda, total RAM on cpu)")
     p.add_argument("--strict", action="store_true", help="exit 3 when the plan does not fit the budget")
+    p.add_argument("--sequence-parallel", type=_sp_size, default=None, metavar="P|auto",
+                   help="plan with this train.sequence_parallel_size (processes per sequence, DeepSpeed Ulysses), "
+                        "or 'auto': the smallest P that fits the budget for this seq_len on --world-size processes")
     p.set_defaults(func=cmd_plan)
+
+
+def _sp_size(text: str) -> str:
+    import argparse
+
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {text!r}")

@@ -42,6 +42,7 @@ from longctx import evaluate
 from longctx import loss as loss_lib
 from longctx import model as model_lib
 from longctx import patch, plan
+from longctx import sequence_parallel as sp
 from longctx.config import Config, ConfigError, train_problems
 
 log = logging.getLogger("longctx")
@@ -336,6 +337,14 @@ class LongctxTrainer(Trainer):
         self.chunked_loss = chunked_loss
         self.loss_chunk_size = loss_chunk_size
         self._chunked_verified = False
+        self.sp_resume_step = 0  # under sequence parallelism, the step of the checkpoint resumed from (train())
+
+    def get_train_dataloader(self):
+        dl = super().get_train_dataloader()
+        if self.sp_resume_step and sp.enabled(self.accelerator):
+            dl = sp.skip_trained_batches(dl, self.sp_resume_step, self.args.gradient_accumulation_steps,
+                                         self.accelerator.parallelism_config.sp_size)
+        return dl
 
     def _plain_loss_instead(self, reason: str) -> None:
         self.chunked_loss = False
@@ -364,6 +373,8 @@ class LongctxTrainer(Trainer):
         The model runs as usual (its wrappers: DDP/DeepSpeed, accelerate's autocast, PEFT) with its lm_head passing
         its input through, so no logits are built; then `loss.causal_lm_loss` with the lm_head's weight, in the
         dtype the lm_head would have computed in. Same num_items_in_batch handling as Trainer.compute_loss."""
+        if model.training and "shift_labels" in inputs and not return_outputs and sp.enabled(self.accelerator):
+            return self._sequence_parallel_loss(model, inputs)
         if (not self.chunked_loss or return_outputs or not model.training or "labels" not in inputs
                 or self.label_smoother is not None or self.compute_loss_func is not None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -402,6 +413,31 @@ class LongctxTrainer(Trainer):
             loss_scale = self.accelerator.num_processes // self.get_tp_size()
             loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
         return loss
+
+    def _sequence_parallel_loss(self, model, inputs):
+        """Under sequence parallelism (issue 12): this shard's loss over its shifted labels (chunked as above when
+        train.chunked_loss is on), token-weighted over the SP group by `sp.token_weighted_mean`, where transformers'
+        own SP loss would build all of the shard's logits and give P times the gradients."""
+        inputs = dict(inputs)
+        shift_labels = inputs.pop("shift_labels")
+        inputs.pop("labels", None)
+        scale = sp.zero_gradient_scale(getattr(self.accelerator, "deepspeed_config", None) or {},
+                                       self.accelerator.parallelism_config.sp_size)
+        head = self._output_head(model) if self.chunked_loss else None
+        if head is not None:
+            with loss_lib.lm_head_passthrough(head) as seen:
+                outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            if seen.get("hidden") is not None and logits is seen["hidden"]:
+                total = loss_lib.causal_lm_loss(seen["hidden"], head.weight, bias=head.bias, shift_labels=shift_labels,
+                                                num_items_in_batch=1, chunk_size=self.loss_chunk_size,
+                                                compute_dtype=seen["dtype"])  # the sum over the shard's tokens
+                return sp.token_weighted_mean(total, (shift_labels != -100).sum(), grad_scale=scale)
+            self._plain_loss_instead("this model changes its logits after the lm_head (or does not call it)")
+        logits = model(**inputs)["logits"]
+        total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten().to(logits.device),
+                                                  ignore_index=-100, reduction="sum")
+        return sp.token_weighted_mean(total, (shift_labels != -100).sum(), grad_scale=scale)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -448,6 +484,7 @@ def training_arguments(cfg: Config) -> TrainingArguments:
         remove_unused_columns=False, logging_nan_inf_filter=False, disable_tqdm=not dist.is_main(),
         gradient_checkpointing=False,  # model_lib.prepare_for_training enables it (non-reentrant)
         save_only_model=False, use_cpu=not torch.cuda.is_available(),
+        **sp.training_arguments(t.sequence_parallel_size, dist.world_size(), t.seq_len),  # issue 12
     )
 
 
@@ -456,6 +493,8 @@ def train(cfg: Config) -> Path:
     same command to go on). The run directory stays claimed by this process until it exits (`rundir.release`)."""
     run_dir = Path(cfg.train.output_dir)
     problems = train_problems(cfg)  # dynamic RoPE, training-free methods (sweep's dry run checks the same)
+    P = cfg.train.sequence_parallel_size
+    problems += sp.world_problems(P, dist.world_size())  # before TrainingArguments (issue 12)
     if problems:
         raise ConfigError("\n".join(problems))
     # TrainingArguments before the model: under ZeRO-3 transformers then loads the weights already partitioned
@@ -468,6 +507,9 @@ def train(cfg: Config) -> Path:
     m = cfg.model
     model_config = model_lib.read_config(m.name_or_path, m.gguf_file, m.trust_remote_code)  # exit 2 before writing
     patch.check_supported(model_config)
+    problems = sp.model_problems(P, model_config)  # its family and heads, before the weights load (issue 12)
+    if problems:
+        raise ConfigError("\n".join(problems))
     dist.on_main(lambda: rundir.claim(run_dir))  # one live run per directory: rank 0 holds it, all ranks stop if taken
     start = dist.on_main(lambda: prepare_run_dir(cfg))
     if start.finished is not None:
@@ -499,6 +541,8 @@ def train(cfg: Config) -> Path:
         except ValueError as e:  # a target module or trainable_params substring the model does not have
             raise ConfigError(f"lora: {e}") from None
     handle = longctx.apply(model, rope=cfg.rope_dict(), attention=cfg.attention_dict(), method=cfg.method_dict())
+    if P > 1:
+        sp.prepare(handle, P, dist.rank())
     checkpoint = start.checkpoint
     if checkpoint is not None and (checkpoint / rundir.TRAINABLE).is_file():
         with zero3_gathered(model, modify=True):
@@ -506,20 +550,21 @@ def train(cfg: Config) -> Path:
     trainable, total = model_lib.count_parameters(model)
 
     train_ds = build_dataset(cfg, tokenizer, "train")
+    dp = sp.data_parallel_size(P, world)  # the P processes of an SP group train on the same sequences
     tokens_per_step = cfg.train.seq_len * cfg.train.per_device_train_batch_size * \
-        cfg.train.gradient_accumulation_steps * world
+        cfg.train.gradient_accumulation_steps * dp
     if dist.is_main():
-        log.info("trainable %s / %s parameters (%.2f%%); global batch %d x %d x %d = %d sequences of %d tokens",
+        log.info("trainable %s / %s parameters (%.2f%%); global batch %d x %d x %d = %d sequences of %d tokens%s",
                  f"{trainable:,}", f"{total:,}", 100 * trainable / total, cfg.train.per_device_train_batch_size,
-                 cfg.train.gradient_accumulation_steps, world, tokens_per_step // cfg.train.seq_len,
-                 cfg.train.seq_len)
+                 cfg.train.gradient_accumulation_steps, dp, tokens_per_step // cfg.train.seq_len,
+                 cfg.train.seq_len, f" (sequence parallel: {P} processes per sequence)" if P > 1 else "")
     preemption = Preemption()
     try:
         callbacks = [NoStepPastMaxSteps(), CheckpointExtras(cfg.to_yaml(), start.run_id, cfg.train.save_total_limit),
                      Throughput(tokens_per_step), preemption]
         trainer = LongctxTrainer(
             model=model, args=args, train_dataset=train_ds,
-            data_collator=data_lib.DataCollator(tokenizer.pad_token_id), callbacks=callbacks,
+            data_collator=_collator(tokenizer, P), callbacks=callbacks,
             chunked_loss=cfg.train.chunked_loss, loss_chunk_size=cfg.train.loss_chunk_size,
         )
         if cfg.eval.lengths:  # ppl@L every eval.every steps and at the last step, to the trainer's loggers
@@ -527,6 +572,9 @@ def train(cfg: Config) -> Path:
             trainer.add_callback(evaluate.training_callback(
                 lambda: evaluate.run_eval_tokens(cfg, tokenizer), e.lengths, trainer.log, every=e.every,
                 stride=e.stride, max_tokens=e.max_tokens))
+        if checkpoint is not None and P > 1:  # Trainer cannot skip batches under DeepSpeed's SP adapter (issue 12)
+            trainer.args.ignore_data_skip = True
+            trainer.sp_resume_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except AtMaxSteps as e:
@@ -547,6 +595,12 @@ def train(cfg: Config) -> Path:
         return final
     finally:
         preemption.restore()
+
+
+def _collator(tokenizer, P: int):
+    if P == 1:
+        return data_lib.DataCollator(tokenizer.pad_token_id)
+    return sp.PositionIds(data_lib.DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=P))
 
 
 def build_dataset(cfg: Config, tokenizer, split: str):
