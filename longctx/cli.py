@@ -57,7 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.getLogger("longctx").info("evaluation already done: %s", done)
         return 0
     try:
-        with stop_on_signals():  # a rerun finishes the evaluation; training is not repeated
+        # rank 0 alone evaluates (the other ranks have returned): no collective may wait for them
+        with stop_on_signals(), dist.alone():  # a rerun finishes the evaluation; training is not repeated
             eval_run(cfg, final)
     except Stopped as e:
         logging.getLogger("longctx").warning("%s during the evaluation: stopped; rerun the same command to finish it "

@@ -6,6 +6,7 @@ the environment; once torch.distributed is initialised its answer wins (it is th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from typing import Callable, TypeVar
@@ -15,11 +16,28 @@ import torch
 T = TypeVar("T")
 
 
+_ALONE = False  # set by `alone()`
+
+
 def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not _ALONE and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def alone():
+    """This process works by itself while the others have finished: no collective, no barrier (rank 0's evaluation
+    after a torchrun training; a barrier there waited for ranks that had exited, and the run failed)."""
+    global _ALONE
+    _ALONE = True
+    try:
+        yield
+    finally:
+        _ALONE = False
 
 
 def rank() -> int:
+    if _ALONE:
+        return 0
     return torch.distributed.get_rank() if _initialized() else int(os.environ.get("RANK", "0"))
 
 
@@ -28,6 +46,8 @@ def local_rank() -> int:
 
 
 def world_size() -> int:
+    if _ALONE:
+        return 1
     return torch.distributed.get_world_size() if _initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
