@@ -157,6 +157,19 @@ def plot_training(log: list[dict], checks: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def save(model, tokenizer, out: Path) -> None:
+    """Weights stored in float16 to ship under 12 MB (issue 14); config.json keeps dtype float32 so
+    from_pretrained upcasts and the model computes in float32 as it was trained. The live model is untouched."""
+    import copy
+
+    copy.deepcopy(model).to(torch.float16).save_pretrained(out, safe_serialization=True)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(out)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -257,6 +270,8 @@ def main() -> None:
     ap.add_argument("--copy-frac", type=float, default=0.1, help="rows that start with a copied line")
     ap.add_argument("--check-every", type=int, default=150, help="steps between in-training passkey checks")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-latest", default=None,
+                    help="also save the model here at every check, so a build stopped early leaves a usable model")
     ap.add_argument("--eval-batch-tokens", type=int, default=8192)
     ap.add_argument("--eval-only", action="store_true",
                     help="re-evaluate the model in --out, update metrics.json and README.md")
@@ -341,17 +356,12 @@ def main() -> None:
             checks.append(check)
             print(f"check {json.dumps(check)}", flush=True)
             plot_training(log, checks, out / "training.png")
+            if args.save_latest:
+                save(model, tokenizer, Path(args.save_latest))
     train_seconds = time.time() - t_train
     final_loss = sum(losses[-50:]) / len(losses[-50:])
 
-    # Stored in float16 to ship under 12 MB (issue 14); config.json keeps dtype float32 so from_pretrained
-    # upcasts and the model computes in float32 as it was trained.
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["dtype"] = "float32"
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    tokenizer.save_pretrained(out)
+    save(model, tokenizer, out)
 
     metrics = {
         "command": "python scripts/make_tiny_base.py " + " ".join(sys.argv[1:]),
