@@ -114,7 +114,7 @@ def passkey_key(seed: int, length: int, depth: float, trial: int) -> str:
     return str(random.Random(f"{seed}:{length}:{depth}:{trial}").randint(10000, 99999))
 
 
-def _passkey_parts(n: int, depth: float, key: str) -> tuple[str, str]:
+def passkey_parts(n: int, depth: float, key: str) -> tuple[str, str]:
     """(text before the key line, text from the key line on) with n filler sentences, the key after
     round(depth * n) of them."""
     k = round(depth * n)
@@ -134,8 +134,8 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> dict:
         raise ConfigError(f"--depths: every depth must be in [0, 1] (0 = right after the task, 1 = right before the "
                           f"question), got {depth}")
 
-    n = longest_filler(lambda n: len(tokenizer("".join(_passkey_parts(n, depth, key))).input_ids), length)
-    before, after = _passkey_parts(n, depth, key)
+    n = longest_filler(lambda n: len(tokenizer("".join(passkey_parts(n, depth, key))).input_ids), length)
+    before, after = passkey_parts(n, depth, key)
     ids = tokenizer(before + after).input_ids
     return {"text": before + after, "input_ids": ids, "key": key, "tokens": len(ids), "filler": n,
             "key_sentence": round(depth * n), "key_start": len(tokenizer(before).input_ids)}

@@ -2,7 +2,7 @@
 
 Each builder returns token ids of one document that fits in a 256-token training row and whose last tokens
 can only be predicted by looking back inside the document:
-- passkey: the eval's own prompt (longctx.evaluate._passkey_parts, tokenized exactly as `longctx eval passkey`
+- passkey: the eval's own prompt (longctx.evaluate.passkey_parts, tokenized exactly as `longctx eval passkey`
   tokenizes it) followed by the answer " KEY." and EOS;
 - key-value lookup: a Python dict literal, then `assert table['k'] == V` for one of its keys;
 - copy: a line with a random identifier, a few stdlib lines, then the same line again.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import string
 
-from longctx.evaluate import _passkey_parts
+from longctx.evaluate import passkey_parts
 
 MAX_FILLER = 23  # filler sentences: the eval's prompt at 256 tokens holds about 23 (docs/tiny-retrieval probe)
 
@@ -28,7 +28,7 @@ def passkey_document(tokenizer, n_filler: int, depth: float, key: str) -> tuple[
     """(ids, answer_start): the eval's passkey prompt with n_filler sentences and the key at `depth`, then the
     answer. The prompt is tokenized on its own, like `longctx.evaluate.passkey_prompt`, so the training
     document starts with exactly the tokens the evaluation feeds the model."""
-    before, after = _passkey_parts(n_filler, depth, key)
+    before, after = passkey_parts(n_filler, depth, key)
     prompt = tokenizer(before + after).input_ids
     return prompt + passkey_answer_ids(tokenizer, key), len(prompt)
 

@@ -38,7 +38,7 @@ def test_every_fine_tuning_arm_is_a_valid_quickstart_run(tmp_path):
         assert cfg.train.output_dir == str(tmp_path / arm.name)
         assert cfg.lora.enabled == arm.lora
         assert cfg.lora.trainable_params == (["embed", "norm"] if arm.embed_norm else [])
-        assert cfg.train.learning_rate == (2e-3 if arm.lora else 5e-4)
+        assert cfg.train.learning_rate == (2e-4 if arm.lora else 5e-5)
         assert (cfg.train.seed, cfg.train.lr_scheduler_type, cfg.train.warmup_steps) == (42, "cosine", 10)
     assert bq.rope_dict(bq.ARM_BY_NAME["b-dynamic8"], base) == {
         "rope_type": "dynamic", "factor": 8.0, "original_max_position_embeddings": 256}
