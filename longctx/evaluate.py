@@ -176,8 +176,8 @@ def passkey_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def passkey(model, tokenizer, lengths: list[int], depths: list[float], trials: int = 5, seed: int = 0) -> dict:
-    """Passkey accuracy for every (length, depth): {lengths, depths, trials, seed, cells: [...]}."""
+def check_grid(depths: list[float], trials: int) -> None:
+    """The depth x trials grid of a retrieval evaluation (passkey, the RULER tasks): ConfigError naming the flag."""
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
     if not depths:
@@ -185,6 +185,11 @@ def passkey(model, tokenizer, lengths: list[int], depths: list[float], trials: i
     for d in depths:
         if not 0.0 <= d <= 1.0:
             raise ConfigError(f"--depths: every depth must be in [0, 1], got {d}")
+
+
+def passkey(model, tokenizer, lengths: list[int], depths: list[float], trials: int = 5, seed: int = 0) -> dict:
+    """Passkey accuracy for every (length, depth): {lengths, depths, trials, seed, cells: [...]}."""
+    check_grid(depths, trials)
     if hasattr(model, "eval"):
         model.eval()
     cells = []

@@ -227,13 +227,7 @@ def evaluate_task(name: str, model, tokenizer, lengths: list[int], depths: list[
     cells as evaluate.passkey's, with each trial's expected answers, generated text and score."""
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
-    if trials < 1:
-        raise ConfigError(f"--trials must be >= 1, got {trials}")
-    if not depths:
-        raise ConfigError("--depths: give at least one depth in [0, 1]")
-    for d in depths:
-        if not 0.0 <= d <= 1.0:
-            raise ConfigError(f"--depths: every depth must be in [0, 1], got {d}")
+    ev.check_grid(depths, trials)
     if hasattr(model, "eval"):
         model.eval()
     cells = []
