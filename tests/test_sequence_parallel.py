@@ -211,6 +211,9 @@ def test_two_processes_at_p2_give_the_one_process_losses(micro, corpus, train_co
         corpus = _short_documents(corpus, tmp_path / "short")
     cfg = write_config(tmp_path / "c.yaml", train_config, tmp_path / "one", max_steps=3, save_steps=3)
     common = [f"attention.type={attention}", *extra]
+    evaluation = not extra and zero == "zero2" and attention == "s2"
+    if evaluation:  # in-training evaluation (dense, every rank) at the last step, then rank 0's after training
+        common += ["eval.lengths=[64,128]", "eval.max_tokens=256", "eval.every=3"]
     run(cfg, *common)
     sp_run = tmp_path / "sp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -224,6 +227,15 @@ def test_two_processes_at_p2_give_the_one_process_losses(micro, corpus, train_co
     def history(run_dir):
         state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
         return [(e["step"], e["loss"], e["grad_norm"]) for e in state["log_history"] if "loss" in e]
+
+    if evaluation:
+        def ppl(run_dir):
+            state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
+            return [v for e in state["log_history"] if "ppl@64" in e for k, v in sorted(e.items())
+                    if k.startswith("ppl@")]
+
+        assert ppl(tmp_path / "one") and ppl(tmp_path / "one") == pytest.approx(ppl(sp_run), rel=1e-5)
+        assert (sp_run / "eval" / "ppl.json").is_file()
 
     one, two = history(tmp_path / "one"), history(sp_run)
     assert [s for s, _, _ in one] == [s for s, _, _ in two] == [1, 2, 3]
