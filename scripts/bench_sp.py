@@ -100,7 +100,11 @@ def measure(args, p: int, n: int) -> dict:
                json.dumps(spec)]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.timeout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # slow, not out of memory: said in the row, so the search's bound shows it
+            return {"P": p, "N": n, "tokens_per_process": n // p, "fits": False, "wall_s": args.timeout,
+                    "why": f"timed out after {args.timeout:g} s (not a memory failure; raise --timeout)"}
         row = {"P": p, "N": n, "tokens_per_process": n // p, "fits": proc.returncode == 0,
                "wall_s": round(time.perf_counter() - t0, 1)}
         if proc.returncode != 0:
