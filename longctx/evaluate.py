@@ -31,11 +31,11 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from longctx import dist, rundir
 from longctx.config import MAX_LENGTH, ConfigError
+from longctx.loss import token_nll
 
 log = logging.getLogger("longctx")
 
@@ -75,11 +75,9 @@ def perplexity(model, tokens: torch.Tensor, length: int, stride: int | None = No
     for b in tqdm(range(0, len(windows), batch_size), desc=desc or f"ppl@{length}", leave=False):
         batch = windows[b:b + batch_size]
         ids = torch.stack([tokens[s:s + length] for s, _ in batch]).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = token_nll(model, ids)  # [B, length - 1]: position t predicts ids[t + 1]
         for row, (_, n) in enumerate(batch):
-            pred = logits[row, length - 1 - n:length - 1]
-            target = ids[row, length - n:]
-            nll_sum += F.cross_entropy(pred, target, reduction="sum").item()
+            nll_sum += nll[row, length - 1 - n:].double().sum().item()
             count += n
     nll = nll_sum / count
     return {"length": length, "stride": stride, "nll": nll, "ppl": math.exp(nll), "tokens": count,

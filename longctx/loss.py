@@ -181,3 +181,48 @@ def lm_head_passthrough(head: torch.nn.Module):
             head.forward = own
         else:
             del head.forward
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: per-token NLL without all logits (perplexity, per-position loss)
+
+def plain_output_head(model) -> torch.nn.Linear | None:
+    """The model's lm_head when it is a plain float nn.Linear (a PEFT wrapper looked through), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
+        return None
+    return head
+
+
+@torch.no_grad()
+def token_nll(model, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """[B, T-1] float32: -log p(input_ids[:, t+1] | input_ids[:, :t+1]) under `model` (eval, no cache).
+
+    The logits are built `chunk_size` tokens at a time from the hidden states the lm_head reads (as
+    `causal_lm_loss` does for training): all logits at once are vocab x T floats, 6.4 GB for SmolLM2 at 32k and
+    64 GB for Llama-3 at 128k, more than the model's own activations. A model that changes its logits after the
+    lm_head (Gemma-2's softcapping, Granite's scaling) or has no plain head is run the plain way instead.
+    """
+    head = plain_output_head(model)
+    targets = input_ids[:, 1:]
+    if head is not None:
+        with lm_head_passthrough(head) as seen:
+            logits = model(input_ids=input_ids, use_cache=False).logits
+        hidden = seen.get("hidden")
+        if hidden is not None and (logits is hidden or (logits.shape == hidden.shape and torch.equal(
+                logits.to(hidden.dtype), hidden))):
+            cd = seen.get("dtype") or head.weight.dtype
+            with _no_autocast(hidden.device):
+                w = head.weight.to(cd)
+                b = head.bias.to(cd) if head.bias is not None else None
+                out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+                for s in range(0, targets.shape[1], chunk_size):
+                    e = min(s + chunk_size, targets.shape[1])
+                    chunk = F.linear(hidden[:, s:e].to(cd), w, b).float()  # [B, c, V]
+                    out[:, s:e] = F.cross_entropy(chunk.transpose(1, 2), targets[:, s:e], reduction="none")
+            return out
+        del logits, seen
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least for softmax
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")

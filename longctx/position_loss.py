@@ -21,11 +21,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from longctx import rundir
 from longctx.config import ConfigError
+from longctx.loss import token_nll
 
 
 def long_documents(source, tokenizer, length: int, split: str | None = None, max_docs: int | None = None,
@@ -53,9 +53,7 @@ def position_loss(model, docs: list[torch.Tensor], desc: str | None = None) -> l
     total = torch.zeros(docs[0].numel() - 1, dtype=torch.float64)
     for ids in tqdm(docs, desc=desc or "position loss", leave=False):
         ids = ids.to(device)[None]
-        logits = model(input_ids=ids, use_cache=False).logits
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least for the softmax
-        total += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none").double().cpu()
+        total += token_nll(model, ids)[0].double().cpu()  # without all logits at once (longctx/loss.py)
     return (total / len(docs)).tolist()
 
 

@@ -354,11 +354,10 @@ class LongctxTrainer(Trainer):
     def _output_head(self, model) -> torch.nn.Linear | None:
         """The lm_head the chunked loss stands in for, or None (then the plain loss, said once)."""
         base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
-            self._plain_loss_instead(f"the output head is a {type(head).__name__}, not a plain nn.Linear "
-                                     "(quantized, LoRA-adapted or wrapped)")
+        head = loss_lib.plain_output_head(base)
+        if head is None:
+            self._plain_loss_instead("the output head is not a plain float nn.Linear (quantized, LoRA-adapted or "
+                                     "wrapped)")
             return None
         if hasattr(head.weight, "ds_id"):
             # Under ZeRO-3 the weight is a shard that DeepSpeed gathers only inside the module's own forward; the

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from longctx.loss import causal_lm_loss, lm_head_passthrough, shift_causal_labels
+from longctx.loss import causal_lm_loss, lm_head_passthrough, shift_causal_labels, token_nll
 from longctx.model import add_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,3 +256,57 @@ def test_training_run_same_losses_with_chunked_loss_on_and_off(train_config, tmp
     wa, wb = (load_file(str(r / "final" / "adapter_model.safetensors")) for r in (on, off))  # LoRA + embed/norm
     for k in wb:
         assert (wa[k] - wb[k]).abs().max().item() <= 1e-5, k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# token_nll: evaluation's per-token NLL without all logits (perplexity, per-position loss)
+
+def reference_nll(model, ids) -> torch.Tensor:
+    """The plain way: every logit, then cross-entropy of position t against token t + 1."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def count_full_logits(model, ids, vocab: int) -> int:
+    """How many [.., T, vocab] tensors the lm_head produced during token_nll (forward hook)."""
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        token_nll(model, ids, chunk_size=7)
+    finally:
+        handle.remove()
+    return sum(1 for s in seen if s[-1] == vocab and s[-2] == ids.shape[1])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_token_nll_equals_full_logits_without_building_them(tie):
+    model = tiny(tie).eval()
+    ids, _ = batch()
+    got = token_nll(model, ids, chunk_size=7)  # 36 predictions per row: chunks of 7 do not divide them
+    assert got.shape == (2, T - 1)
+    assert (got - reference_nll(model, ids)).abs().max().item() <= 1e-5
+    assert count_full_logits(model, ids, VOCAB) == 0  # the lm_head passed its input through
+
+
+def test_token_nll_through_peft_with_trained_embed():
+    model = add_lora(tiny(True), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                     trainable_params=["embed", "norm"], gradient_checkpointing=False).eval()
+    ids, _ = batch(3)
+    assert (token_nll(model, ids, chunk_size=5) - reference_nll(model, ids)).abs().max().item() <= 1e-5
+
+
+def test_token_nll_falls_back_when_logits_are_changed_after_the_head():
+    """Gemma-2 softcaps after the lm_head: chunks of the head's output would be wrong, so all logits are built."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, final_logit_softcapping=0.05)).eval()
+    ids, _ = batch()
+    ref = reference_nll(model, ids)
+    raw = model.get_output_embeddings()(model.model(input_ids=ids).last_hidden_state).float()  # not softcapped
+    wrong = F.cross_entropy(raw[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    assert (wrong - ref).abs().max().item() > 1e-2  # softcapping changes the loss: the check below can fail
+    assert (token_nll(model, ids, chunk_size=7) - ref).abs().max().item() <= 1e-5
