@@ -12,7 +12,10 @@ quickstart's lr, schedule and seed: (c) LongLoRA (S² + LoRA + embed/norm) under
 with full attention, (e) S² + plain LoRA (no embed/norm), (f) S² + full fine-tuning (at --full-ft-lr, a quarter of
 the quickstart's LoRA rate). Every arm is measured the same way: perplexity at --lengths on the stdlib
 validation split (--eval-tokens scored tokens per length, non-overlapping windows, longctx.evaluate.perplexity)
-and passkey retrieval (longctx.evaluate.passkey).
+and passkey retrieval (longctx.evaluate.passkey). Then the extras of issue 14 §4, stored apart in
+OUT/extras/ARM.json (so that arms measured before them keep their numbers): the RULER tasks of longctx/tasks.py
+(--tasks at --task-lengths) and the per-position loss (longctx/position_loss.py) over --position-docs validation
+documents of --position-length tokens, plotted in OUT-position.png.
 
 Resumable: each arm's result goes to OUT/ARM.json as soon as it is done, with the settings that produced it; a
 rerun skips arms whose settings match (--force redoes them) and refuses to mix arms measured otherwise. Training
@@ -43,6 +46,8 @@ from tqdm import tqdm
 import longctx
 from longctx import evaluate as ev
 from longctx import model as model_lib
+from longctx import position_loss as pl
+from longctx import tasks as task_lib
 from longctx.config import Config, ConfigError, load_config
 from longctx.sweep import train_stats
 from longctx.trainer import train
@@ -355,8 +360,8 @@ def measure(model, tokenizer, tokens: torch.Tensor, args, name: str) -> dict:
             "eval_wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def run_arm(arm: Arm, args, base: Config, tokens: torch.Tensor) -> dict:
-    """Train (if the arm trains) and measure one arm."""
+def load_arm(arm: Arm, args, base: Config):
+    """(model, tokenizer, facts) of one arm: trained first (or its finished run reused) if the arm trains."""
     out = {"arm": arm.name, "what": arm.what, "trains": arm.trains, "rope_type": arm.rope}
     if arm.trains:
         cfg = arm_config(arm, args, base)
@@ -375,7 +380,41 @@ def run_arm(arm: Arm, args, base: Config, tokens: torch.Tensor) -> dict:
             longctx.apply(model, method=m)
         out |= {"factor": arm.factor, "trainable_params": 0, "total_params": model_lib.count_parameters(model)[1],
                 "methods": list(arm.methods)}
-    return out | measure(model, tokenizer, tokens, args, arm.name)
+    return model, tokenizer, out
+
+
+# The extras (issue 14 §4): RULER tasks and the per-position loss, kept apart from the PPL/passkey results.
+
+def extras_settings(arm: Arm, args, base: Config) -> dict:
+    return {**arm_settings(arm, args, base), "tasks": args.tasks, "task_lengths": args.task_lengths,
+            "task_depths": args.task_depths, "task_trials": args.task_trials,
+            "position_length": args.position_length, "position_docs": args.position_docs}
+
+
+def position_documents(base: Config, tokenizer, args) -> list[torch.Tensor]:
+    """The first --position-length tokens of up to --position-docs documents of the evaluation data (data.eval, else
+    the validation split of data.train, as the perplexity stream)."""
+    d = base.data
+    source, split = (d.eval, None) if d.eval else (d.train, "validation")
+    if isinstance(source, list):  # several weighted training sources: the first one's validation part
+        source = source[0].path
+    return pl.long_documents(source, tokenizer, args.position_length, split, args.position_docs, d.text_field)
+
+
+def measure_extras(model, tokenizer, docs: list[torch.Tensor], args) -> dict:
+    t0 = time.perf_counter()
+    tasks = {}
+    for name in args.tasks:
+        r = task_lib.evaluate_task(name, model, tokenizer, args.task_lengths, args.task_depths, args.task_trials,
+                                   args.seed)
+        r["accuracy_by_length"] = {str(L): sum(c["accuracy"] for c in r["cells"] if c["length"] == L)
+                                   / len(r["depths"]) for L in r["lengths"]}
+        tasks[name] = r
+    loss = pl.position_loss(model, docs, desc="position loss")
+    bucket = max(1, args.position_length // 32)
+    return {"tasks": tasks, "position_loss": {"length": args.position_length, "documents": len(docs),
+                                              "bucket": bucket, "buckets": pl.buckets(loss, bucket)},
+            "extras_wall_s": round(time.perf_counter() - t0, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,8 +517,65 @@ def write_report(res: dict, args, base: Config, stem: Path) -> None:
         lines.append(f"{i}. **{c['claim']}: {c['verdict']}**" + ("" if c["checks"] else f" (needs arms {c['needs']})"))
         lines += [f"   - {text}: {'supports' if ok else 'contradicts' if ok is False else 'in between'}"
                   for text, ok in zip(c["checks"], c["outcomes"])]
+    lines += extras_report(res, original, stem)
     (stem.parent / (stem.name + ".md")).write_text("\n".join(lines) + "\n")
     plot(res, original, target, stem.parent / (stem.name + ".png"))
+
+
+def _mean_loss(buckets: list[dict], lo: int, hi: int) -> float | None:
+    """Mean loss of the buckets that start in [lo, hi)."""
+    vals = [b["loss"] for b in buckets if lo <= b["start"] < hi]
+    return sum(vals) / len(vals) if vals else None
+
+
+def extras_report(res: dict, original: int, stem: Path) -> list[str]:
+    """The tasks table and the per-position loss plot (STEM-position.png) of the arms that have extras."""
+    ext = {name: r["extras"] for name, r in res.items() if "extras" in r}
+    if not ext:
+        return []
+    first = next(iter(ext.values()))
+    s, pos = first["settings"], first["position_loss"]
+    length = pos["length"]
+    cols = [(t, L) for t in s["tasks"] for L in s["task_lengths"]]
+    lines = ["", "## Long-context tasks and per-position loss (issue 14 §4)", "",
+             f"RULER tasks (longctx/tasks.py), generated locally: depth {', '.join(f'{d:g}' for d in s['task_depths'])}"
+             f" x {s['task_trials']} prompt(s) per length, accuracy = mean score (multivalue: the share of values "
+             f"found). Per-position loss: mean next-token loss (nats) over {pos['documents']} validation documents of "
+             f"{length} tokens, each alone, dense causal attention; 'loss < {original}' averages positions 1-"
+             f"{original - 1} (inside the base's window), 'loss last {original}' the last {original} positions. A "
+             "model that uses far tokens keeps its loss down at the end.", "",
+             "| arm | " + " | ".join(f"{t}@{L}" for t, L in cols) + f" | loss < {original} | loss last {original} |",
+             "|---" * (3 + len(cols)) + "|"]
+    for name, x in ext.items():
+        b = x["position_loss"]["buckets"]
+        cells = [_num(x["tasks"][t]["accuracy_by_length"].get(str(L))) for t, L in cols]
+        cells += [_num(_mean_loss(b, 1, original)), _num(_mean_loss(b, length - original, length))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    plot_position(ext, res, original, stem.parent / f"{stem.name}-position.png")
+    return lines + ["", f"![loss by position]({stem.name}-position.png)"]
+
+
+def plot_position(ext: dict, res: dict, original: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, x) in enumerate(ext.items()):
+        b = x["position_loss"]["buckets"]
+        ax.plot([(k["start"] + k["end"] - 1) / 2 for k in b], [k["loss"] for k in b], color=colors[i % len(colors)],
+                linestyle="-" if res[name]["trains"] else "--", label=f"{name} ({_rope_label(res[name])})")
+    ax.axvline(original, color="gray", linewidth=1)
+    ax.set_xlabel(f"token position (the base was trained at {original}: gray line)")
+    ax.set_ylabel("mean loss (nats)")
+    ax.set_title("tiny-base: loss by position, training-free (dashed) vs fine-tuned (solid)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(res: dict, original: int, target: int, path: Path) -> None:
@@ -533,7 +629,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--passkey-lengths", type=ev.lengths_arg, default=None, help="default: --lengths")
     ap.add_argument("--passkey-depths", type=ev.depths_arg, default=[0.0, 0.5, 1.0])
     ap.add_argument("--passkey-trials", type=int, default=3, help="keys per (length, depth)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the passkey keys")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the passkey keys and the task prompts")
+    ap.add_argument("--tasks", type=lambda t: [x for x in t.split(",") if x], default=["multikey", "multivalue",
+                    "vartrack"], help=f"RULER tasks of the extras, of: {', '.join(n for n in task_lib.TASKS if n != 'passkey')}")
+    ap.add_argument("--task-lengths", type=ev.lengths_arg, default=[256, 1024])
+    ap.add_argument("--task-depths", type=ev.depths_arg, default=[0.5])
+    ap.add_argument("--task-trials", type=int, default=4, help="prompts per (task, length, depth)")
+    ap.add_argument("--position-length", type=int, default=1024, help="tokens per document of the per-position loss")
+    ap.add_argument("--position-docs", type=int, default=8, help="documents of the per-position loss (at most)")
+    ap.add_argument("--no-extras", dest="extras", action="store_false", help="PPL and passkey only")
     ap.add_argument("--out", default="benchmarks/quality", help="arm results in OUT/ARM.json; report OUT.json|md|png")
     ap.add_argument("--runs", default="runs/bench_quality", help="training runs (scratch, not committed)")
     ap.add_argument("--force", action="store_true", help="redo arms already measured (a run is retrained only if "
@@ -541,6 +645,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     args = ap.parse_args(argv)
     args.passkey_lengths = args.passkey_lengths or args.lengths
+    unknown = [t for t in args.tasks if t not in task_lib.TASKS or t == "passkey"]
+    if unknown:
+        ap.error(f"--tasks: unknown {', '.join(unknown)}; allowed: "
+                 f"{', '.join(n for n in task_lib.TASKS if n != 'passkey')}")
     args.command = "python " + shlex.join(["scripts/bench_quality.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
@@ -553,7 +661,19 @@ def collect(args, base: Config) -> dict:
             r = json.loads(path.read_text())
             if r.get("settings") == arm_settings(arm, args, base):
                 res[arm.name] = r
+                x = Path(args.out) / "extras" / f"{arm.name}.json"
+                if x.is_file() and json.loads(x.read_text()).get("settings") == extras_settings(arm, args, base):
+                    r["extras"] = json.loads(x.read_text())
     return res
+
+
+def store(path: Path, result: dict) -> None:
+    """Write one arm's result atomically (a killed run leaves the old file or none, never half of one)."""
+    result["finished"] = datetime.now().isoformat(timespec="seconds")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,26 +684,34 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(args.config)
         out = Path(args.out)
         tokens: dict[str, torch.Tensor] = {}  # the evaluation stream per tokenizer (the base's, the ALiBi base's)
+        docs: dict[str, list[torch.Tensor]] = {}  # the per-position loss documents per tokenizer
         for arm in (bar := tqdm(args.arms, desc="arms", unit="arm")):
             bar.set_postfix_str(arm.name)
             if arm.alibi and not args.alibi_model:
                 log.info("%s: skipped (needs --alibi-model)", arm.name)
                 continue
             path, settings = out / f"{arm.name}.json", arm_settings(arm, args, base)
-            if is_finished(path, settings, args.force):
+            xpath, xsettings = out / "extras" / f"{arm.name}.json", extras_settings(arm, args, base)
+            need_main = not is_finished(path, settings, args.force)
+            need_extras = args.extras and not is_finished(xpath, xsettings, args.force)
+            if not (need_main or need_extras):
                 log.info("%s: done before, skipped (%s)", arm.name, path)
                 continue
             model_path = args.alibi_model if arm.alibi else base.model.name_or_path
-            if model_path not in tokens:  # once per tokenizer
-                eval_cfg = load_config(args.config, overrides=[f"eval.lengths={args.lengths}"])
-                tokens[model_path] = ev.run_eval_tokens(eval_cfg, model_lib.load_tokenizer(model_path))
-            result = run_arm(arm, args, base, tokens[model_path]) | {"settings": settings, "command": args.command,
-                                                         "finished": datetime.now().isoformat(timespec="seconds"),
-                                                         "machine": machine()}
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, path)
+            model, tokenizer, facts = load_arm(arm, args, base)
+            stamp = {"command": args.command, "finished": None, "machine": machine()}
+            if need_main:
+                if model_path not in tokens:  # once per tokenizer
+                    eval_cfg = load_config(args.config, overrides=[f"eval.lengths={args.lengths}"])
+                    tokens[model_path] = ev.run_eval_tokens(eval_cfg, tokenizer)
+                result = facts | measure(model, tokenizer, tokens[model_path], args, arm.name)
+                store(path, result | {"settings": settings} | stamp)
+            if need_extras:
+                if model_path not in docs:
+                    docs[model_path] = position_documents(base, tokenizer, args)
+                store(xpath, {"arm": arm.name, **measure_extras(model, tokenizer, docs[model_path], args),
+                              "settings": xsettings} | stamp)
+            del model
             write_report(collect(args, base), args, base, out)
         write_report(collect(args, base), args, base, out)
     except ConfigError as e:

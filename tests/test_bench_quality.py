@@ -98,9 +98,14 @@ def test_two_arms_end_to_end_then_resume(train_config, corpus, tmp_path, monkeyp
     out, runs = tmp_path / "out" / "quality", tmp_path / "runs"
     argv = ["--config", str(config), "--arms", "a,c-yarn", "--train-tokens", "256", "--eval-tokens", "200",
             "--lengths", "64,128", "--passkey-lengths", "256", "--passkey-depths", "0.5", "--passkey-trials", "1",
-            "--out", str(out), "--runs", str(runs), "--threads", "1"]
+            "--out", str(out), "--runs", str(runs), "--threads", "1", "--tasks", "multikey,vartrack",
+            "--task-lengths", "1024", "--task-trials", "1", "--position-length", "128", "--position-docs", "2"]
     assert bq.main(argv) == 0
-    assert {p.name for p in out.iterdir()} == {"a.json", "c-yarn.json"}
+    assert {p.name for p in out.iterdir()} == {"a.json", "c-yarn.json", "extras"}
+    x = json.loads((out / "extras" / "c-yarn.json").read_text())
+    assert set(x["tasks"]) == {"multikey", "vartrack"} and x["tasks"]["vartrack"]["lengths"] == [1024]
+    assert x["tasks"]["multikey"]["cells"][0]["trials"] == 1 and x["position_loss"]["documents"] == 2
+    assert [b["start"] for b in x["position_loss"]["buckets"]] == list(range(1, 128, 4))
     c = json.loads((out / "c-yarn.json").read_text())
     assert c["train"]["steps"] == 2 and c["train"]["tokens"] == 256 and c["train"]["wall_s"] > 0
     assert 0 < c["trainable_params"] < c["total_params"] and c["machine"] == bq.machine()
@@ -115,17 +120,24 @@ def test_two_arms_end_to_end_then_resume(train_config, corpus, tmp_path, monkeyp
     assert verdicts[1:3] == ["NOT MEASURED"] * 2 and verdicts[4:] == ["NOT MEASURED"] * 3
     md = (tmp_path / "out" / "quality.md").read_text()
     assert "## Claims" in md and f"Direct extrapolation collapses past the trained length: {verdicts[0]}" in md
-    assert md.count("\n| a | ") == md.count("\n| c-yarn | ") == 1
+    assert md.count("\n| a | ") == md.count("\n| c-yarn | ") == 2  # the PPL table and the extras table
     assert (tmp_path / "out" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| arm | multikey@1024 | vartrack@1024 | loss < 64 | loss last 64 |" in md
+    assert (tmp_path / "out" / "quality-position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def fail(*a, **k):
         raise AssertionError("a finished arm ran again")
 
-    monkeypatch.setattr(bq, "run_arm", fail)  # a rerun skips both arms
+    monkeypatch.setattr(bq, "load_arm", fail)  # a rerun skips both arms
     caplog.set_level(logging.INFO, logger="longctx")
     assert bq.main(argv) == 0
     assert "a: done before, skipped" in caplog.text and "c-yarn: done before, skipped" in caplog.text
-    assert bq.main(argv[:-2] + ["--eval-tokens", "300", "--threads", "1"]) == 2  # other settings: refused
+    (out / "extras" / "a.json").unlink()  # extras measured later keep the arm's stored PPL and passkey
+    monkeypatch.undo()
+    monkeypatch.setattr(bq, "measure", fail)
+    assert bq.main(argv) == 0 and (out / "extras" / "a.json").is_file()
+    monkeypatch.setattr(bq, "load_arm", fail)
+    assert bq.main(argv + ["--eval-tokens", "300"]) == 2  # other settings: refused
     assert "pass --force to redo it" in capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setattr(bq, "train", fail)  # --force measures again but reuses the finished run
@@ -145,7 +157,7 @@ def test_method_arms_end_to_end(micro, corpus, tmp_path, caplog):
     out = tmp_path / "out" / "quality"
     argv = ["--config", str(config), "--arms", "g-rerope-logn,h-ntk-alibi2", "--eval-tokens", "200", "--lengths",
             "64,128", "--passkey-lengths", "256", "--passkey-depths", "0.5", "--passkey-trials", "1", "--out",
-            str(out), "--runs", str(tmp_path / "runs"), "--threads", "1"]
+            str(out), "--runs", str(tmp_path / "runs"), "--threads", "1", "--no-extras"]
     caplog.set_level(logging.INFO, logger="longctx")
     assert bq.main(argv) == 0
     assert "h-ntk-alibi2: skipped (needs --alibi-model)" in caplog.text
