@@ -248,6 +248,9 @@ def load_for_eval(path: str, rope: dict | None = None, dtype: str = "float32", d
             model_lib.load_trainable_state_dict(model, load_file(str(extras)))
         user_rope = {k: v for k, v in (info.get("rope") or {}).items() if k not in ("head_dim",
                                                                                   "partial_rotary_factor")}
+        if not info.get("lora") and getattr(model.config, "rope_parameters", None) == info.get("rope_parameters"):
+            user_rope = {}  # a full fine-tuning's config.json already carries the scaling: applying it again would
+            #                 compose it on itself (and be refused as "does not go beyond" the native one)
         tokenizer = model_lib.load_tokenizer(str(p))
         runner = apply_methods(model, rope or user_rope or None, [method, info.get("method")], tokenizer,
                                always=True)

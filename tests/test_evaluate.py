@@ -316,3 +316,24 @@ def test_bad_arguments_exit_2(micro, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_a_full_fine_tuning_run_evaluates_with_its_own_scaling(train_config, tmp_path):
+    """final/ of a full fine-tuning holds config.json with the run's yarn: load_for_eval must not apply it again
+    (composing yarn x2 on the saved yarn x2 was refused), and the model it gives computes what the trained one did."""
+    import torch
+
+    from longctx.config import load_config
+    from longctx.evaluate import load_for_eval
+    from longctx.model import load_model
+    from longctx.trainer import train
+
+    cfg = load_config(data=train_config(tmp_path / "run", lora={"enabled": False}, train={"max_steps": 1,
+                                                                                         "save_steps": 1}))
+    final = train(cfg)
+    model, _, _ = load_for_eval(str(final))
+    assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.rope_parameters["factor"] == 2.0
+    plain = load_model(str(final), dtype="float32").eval()  # transformers alone reads the scaling from config.json
+    ids = torch.randint(0, plain.config.vocab_size, (1, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits)
