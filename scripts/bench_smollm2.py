@@ -201,7 +201,11 @@ def write_report(results: list[dict], args, docs, stem: Path) -> None:
         "", f"Model: SmolLM2-135M-Instruct (`{Path(args.model).name}`, dequantized to float32), trained to 8192 "
         "tokens. Documents (held out of the fine-tune): " + doc_list + ". PPL at L: the first L tokens of every "
         f"document with L tokens. Passkey: depths {args.passkey_depths} x {args.passkey_trials} trial(s) per "
-        "length (few trials: each is one forward over L tokens on a CPU; read them as examples, not rates).", "",
+        "length (few trials: each is one forward over L tokens on a CPU; read them as examples, not rates)."
+        + (f" Passkey is not run above {max(args.passkey_lengths) // 1024}k (--passkey-lengths: CPU time)."
+           if max(args.passkey_lengths) < max(lengths) else "")
+        + " eval s: wall seconds of the PPL forwards and the passkey prompts, not a speed benchmark (other jobs may "
+        "share the machine).", "",
         "| arm | what | " + " | ".join(f"PPL@{L // 1024}k" for L in lengths) + " | "
         + " | ".join(f"passkey@{L // 1024}k" for L in args.passkey_lengths) + " | eval s |",
         "|---|---|" + "---|" * (len(lengths) + len(args.passkey_lengths) + 1)]
@@ -214,7 +218,8 @@ def write_report(results: list[dict], args, docs, stem: Path) -> None:
     if ft:
         t = ft["train"]
         lines += ["", f"Fine-tune: {t['steps']} steps x {t['seq_len']:,} tokens, lr {t['learning_rate']}, "
-                  f"{t['wall_s']} s wall (training only); loss {t.get('loss')}. Its config (the GPU recipe is "
+                  f"{t['wall_s']} s wall of the training process that finished it (a resumed run counts its own steps "
+                  f"only); final training loss {t.get('train_loss', float('nan')):.3f}. Its config (the GPU recipe is "
                   "configs/smollm2-135m-instruct-16k.yaml; the CPU run overrides the model, dtype and data):", "", "```yaml", t["config"].rstrip(), "```"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(results, lengths, stem.with_suffix(".png"))
