@@ -573,7 +573,7 @@ def cmd_ppl(args) -> int:
         if tokens is None:
             split = args.split or ("validation" if args.data[0].startswith("builtin:") else None)
             tokens = eval_tokens(args.data if len(args.data) > 1 else args.data[0], tokenizer, max(args.lengths),
-                                 split=split)
+                                 split=split, suffixes=args.suffixes)
         results[label] = [perplexity(model, tokens, L, args.stride, args.batch_size, args.max_tokens)
                           for L in args.lengths]
     results.update(earlier)
@@ -617,6 +617,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", choices=["train", "validation"], default=None,
                    help="a deterministic part of --data (README: validation split); default: the validation part "
                         "of builtin sources, the whole of any other")
+    p.add_argument("--suffixes", nargs="+", default=None, help="file types read from a directory or glob of --data, "
+                   "as data.suffixes: e.g. .py .md for a code repository (default .txt .jsonl .json .parquet)")
     p.add_argument("--stride", type=number(int, 1), default=None,
                    help="scored tokens per window after the first (default L)")
     p.add_argument("--batch-size", type=number(int, 1), default=1)

@@ -122,6 +122,26 @@ def test_eval_ppl_cli_writes_json_table_and_png(micro, corpus, tmp_path):
     assert (out / "ppl.md").read_text().startswith("| model | PPL@32 | PPL@64 |")
 
 
+def test_eval_ppl_reads_code_files_with_suffixes(micro, tmp_path, capsys):
+    """A directory of .py files is refused by default (one message naming the allowed types) and read with
+    --suffixes .py, giving the same tokens as the same texts saved as .txt."""
+    import sysconfig
+
+    code, txt = tmp_path / "code", tmp_path / "txt"
+    code.mkdir(), txt.mkdir()
+    for name in ("textwrap.py", "bisect.py"):
+        text = (Path(sysconfig.get_paths()["stdlib"]) / name).read_text()
+        (code / name).write_text(text)
+        (txt / (name + ".txt")).write_text(text)
+    argv = ["eval", "ppl", "--model", str(micro), "--lengths", "64", "--max-tokens", "300"]
+    assert main(argv + ["--data", str(code), "--out", str(tmp_path / "a")]) == 2
+    assert "has no .txt/.jsonl/.json/.parquet files" in capsys.readouterr().err
+    assert main(argv + ["--data", str(code), "--suffixes", ".py", "--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--data", str(txt), "--out", str(tmp_path / "b")]) == 0
+    a, b = (list(json.loads((tmp_path / d / "ppl.json").read_text()).values())[0] for d in "ab")
+    assert a == b
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Passkey: prompts
 
