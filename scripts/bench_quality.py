@@ -348,15 +348,19 @@ def count_trainable(cfg: Config) -> tuple[int, int]:
     return model_lib.count_parameters(m)
 
 
+def accuracy_by_length(result: dict) -> dict[str, float]:
+    """{length: mean accuracy over the depths} of a passkey or task result (cells per length and depth)."""
+    return {str(L): sum(c["accuracy"] for c in result["cells"] if c["length"] == L) / len(result["depths"])
+            for L in result["lengths"]}
+
+
 def measure(model, tokenizer, tokens: torch.Tensor, args, name: str) -> dict:
     """PPL at every length and passkey accuracy: the same measurement for every arm."""
     t0 = time.perf_counter()
     ppl = [ev.perplexity(model, tokens, L, max_tokens=args.eval_tokens, desc=f"{name} ppl@{L}")
            for L in args.lengths]
     pk = ev.passkey(model, tokenizer, args.passkey_lengths, args.passkey_depths, args.passkey_trials, args.seed)
-    by_length = {str(L): sum(c["accuracy"] for c in pk["cells"] if c["length"] == L) / len(pk["depths"])
-                 for L in pk["lengths"]}
-    return {"ppl": ppl, "passkey": {**pk, "accuracy_by_length": by_length},
+    return {"ppl": ppl, "passkey": {**pk, "accuracy_by_length": accuracy_by_length(pk)},
             "eval_wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -407,9 +411,7 @@ def measure_extras(model, tokenizer, docs: list[torch.Tensor], args) -> dict:
     for name in args.tasks:
         r = task_lib.evaluate_task(name, model, tokenizer, args.task_lengths, args.task_depths, args.task_trials,
                                    args.seed)
-        r["accuracy_by_length"] = {str(L): sum(c["accuracy"] for c in r["cells"] if c["length"] == L)
-                                   / len(r["depths"]) for L in r["lengths"]}
-        tasks[name] = r
+        tasks[name] = {**r, "accuracy_by_length": accuracy_by_length(r)}
     loss = pl.position_loss(model, docs, desc="position loss")
     bucket = max(1, args.position_length // 32)
     return {"tasks": tasks, "position_loss": {"length": args.position_length, "documents": len(docs),
@@ -699,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             model_path = args.alibi_model if arm.alibi else base.model.name_or_path
             model, tokenizer, facts = load_arm(arm, args, base)
-            stamp = {"command": args.command, "finished": None, "machine": machine()}
+            stamp = {"command": args.command, "machine": machine()}  # store() adds the time it finished
             if need_main:
                 if model_path not in tokens:  # once per tokenizer
                     eval_cfg = load_config(args.config, overrides=[f"eval.lengths={args.lengths}"])

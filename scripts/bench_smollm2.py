@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import train_arm  # noqa: E402
+from bench_quality import accuracy_by_length, is_finished, store, train_arm  # noqa: E402
 from benchlib import machine  # noqa: E402
 
 import longctx  # noqa: E402
@@ -157,10 +157,8 @@ def measure(model, tokenizer, docs, args, length_dependent: bool) -> dict:
     ppl_s = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     pk = ev.passkey(model, tokenizer, args.passkey_lengths, args.passkey_depths, args.passkey_trials, args.seed)
-    by_length = {str(L): sum(c["accuracy"] for c in pk["cells"] if c["length"] == L) / len(pk["depths"])
-                 for L in pk["lengths"]}
     return {"ppl": ppl, "position_loss": {"bin": args.bin, "mean_nll": [sum(v) / len(v) for _, v in sorted(
-        bins.items())]}, "passkey": {**pk, "accuracy_by_length": by_length},
+        bins.items())]}, "passkey": {**pk, "accuracy_by_length": accuracy_by_length(pk)},
             "ppl_s": ppl_s, "passkey_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -175,17 +173,13 @@ def settings(name: str, args, docs) -> dict:
 def run_arm(name: str, args, docs, corpus: Path) -> dict:
     path = Path(args.out) / f"{name}.json"
     s = settings(name, args, docs)
-    if path.is_file() and not args.force:
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == s:
-            log.info("%s: reusing %s", name, path)
-            return saved
-        raise ConfigError(f"{path} was measured with other settings; pass --force to redo it, or use another --out")
+    if is_finished(path, s, args.force):  # same settings: reused; other settings: refused (bench_quality's rule)
+        log.info("%s: reusing %s", name, path)
+        return json.loads(path.read_text())
     model, tokenizer, extra = load_arm(name, args, corpus)
     out = {"arm": name, "what": ARMS[name][0], "settings": s, **extra,
            **measure(model, tokenizer, docs, args, length_dependent=ARMS[name][3])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    store(path, out)
     return out
 
 
