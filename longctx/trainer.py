@@ -27,6 +27,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -487,9 +488,10 @@ def training_arguments(cfg: Config) -> TrainingArguments:
     )
 
 
-def train(cfg: Config) -> Path:
+def train(cfg: Config, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """Run training from a validated config; returns RUN/final, or RUN when a signal stopped training (rerun the
-    same command to go on). The run directory stays claimed by this process until it exits (`rundir.release`)."""
+    same command to go on). The run directory stays claimed by this process until it exits (`rundir.release`).
+    `callbacks` join the trainer's own (scripts/bench_sp.py measures memory from the start of training with one)."""
     run_dir = Path(cfg.train.output_dir)
     problems = train_problems(cfg)  # dynamic RoPE, training-free methods (sweep's dry run checks the same)
     P = cfg.train.sequence_parallel_size
@@ -560,7 +562,7 @@ def train(cfg: Config) -> Path:
     preemption = Preemption()
     try:
         callbacks = [NoStepPastMaxSteps(), CheckpointExtras(cfg.to_yaml(), start.run_id, cfg.train.save_total_limit),
-                     Throughput(tokens_per_step), preemption]
+                     Throughput(tokens_per_step), preemption, *callbacks]
         trainer = LongctxTrainer(
             model=model, args=args, train_dataset=train_ds,
             data_collator=_collator(tokenizer, P), callbacks=callbacks,
