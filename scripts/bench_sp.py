@@ -17,7 +17,7 @@ tokens/s is the steady rate of steps 2..S (step 1 includes warm-up), from the Th
 OMP_NUM_THREADS=1 each process is one core, as each is one GPU in the real case.
 
 The longest N per P: double N from --start until a run fails or passes --max-len, then bisect between the last
-fit and the first failure down to --resolution (runs of --search-steps steps: the peak is the first step's).
+fit and the first failure down to --resolution (runs of --search-steps steps, default 1: at 16k the peak over 3 steps was 2-3% above the first step's).
 A fixed --group-size keeps a step's cost linear in N, so the search reaches far on the CPU.
 Target (issue 12): P = 2 fits at least 1.8x the tokens of P = 1.
 Not measured here: DeepSpeed's TiledMLP and tiled logits loss (longctx's chunked loss already keeps one chunk of
@@ -71,20 +71,32 @@ def _rss_watchdog(limit: int, out: str) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _cap_memory(limit: int, out: str) -> None:
+    """Make this rank fail as soon as it holds more than `limit` bytes: the GPU allocator's fraction, or the RSS
+    watchdog on the CPU."""
+    import torch
+
+    from longctx import dist
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(dist.local_rank()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), dist.local_rank())
+    else:
+        _rss_watchdog(limit, out)
+
+
 def _limit_from_start(budget: int, out: str):
     """A TrainerCallback that measures (and, with a budget, limits) the memory training adds to this rank.
 
-    On the CPU a rank holds about 1 GiB before its first step (Python, torch, DeepSpeed, the model, the optimizer's
-    partitions, the tokenized dataset), as much at N = 32k as at 16k with the tiny model: an absolute limit then
-    measures that floor, not the activations that SP divides. So at train begin: the baseline is the rank's RSS,
+    On the CPU a rank holds about 0.6 GiB before its first step (Python, torch, DeepSpeed, the model, the
+    optimizer's partitions, the tokenized dataset), whatever N is: an absolute limit then mostly measures that
+    floor, not the activations that SP divides. So at train begin: the baseline is the rank's RSS,
     the kernel's high-water mark is reset (writing 5 to /proc/self/clear_refs, Linux >= 4.0) so that VmHWM at the
     end is the peak of training alone, and the watchdog's limit is baseline + budget. On a GPU the same with
     torch.cuda.memory_allocated / reset_peak_memory_stats / set_per_process_memory_fraction.
     """
     import torch
     from transformers import TrainerCallback
-
-    from longctx import dist
 
     cuda = torch.cuda.is_available()
 
@@ -95,15 +107,11 @@ def _limit_from_start(budget: int, out: str):
             if cuda:
                 self.baseline = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                if budget:
-                    total = torch.cuda.get_device_properties(dist.local_rank()).total_memory
-                    torch.cuda.set_per_process_memory_fraction(min(1.0, (self.baseline + budget) / total),
-                                                               dist.local_rank())
-                return
-            self.baseline = _status_bytes("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")
+            else:
+                self.baseline = _status_bytes("VmRSS")
+                Path("/proc/self/clear_refs").write_text("5")
             if budget:
-                _rss_watchdog(self.baseline + budget, out)
+                _cap_memory(self.baseline + budget, out)
 
         def on_train_end(self, args, state, control, **kwargs):
             peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
@@ -121,12 +129,8 @@ def worker(spec: dict) -> None:
     from longctx.config import load_config
     from longctx.trainer import train
 
-    limit = int(spec["limit_gib"] * GIB) if spec.get("limit_gib") else None
-    if limit and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(
-            min(1.0, limit / torch.cuda.get_device_properties(dist.local_rank()).total_memory), dist.local_rank())
-    elif limit:
-        _rss_watchdog(limit, spec["out"])
+    if spec.get("limit_gib"):
+        _cap_memory(int(spec["limit_gib"] * GIB), spec["out"])
     step_memory = _limit_from_start(int((spec.get("budget_gib") or 0) * GIB), spec["out"])
     train(load_config(data=spec["config"]), callbacks=[step_memory])
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
